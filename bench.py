@@ -1,0 +1,569 @@
+"""Performance claims, each a ratio against a named baseline measured in the same run.
+
+    python bench.py models   # forward+backward of models.py vs torchvision/timm (goal: ratio <= 1.05)
+    python bench.py data     # epoch from the pre-resized cache vs decoding the originals (goal: >= 10x)
+    python bench.py cka      # all-pairs CKA vs the original per-pair code and pytorch-cka (goal: >= 20x vs a)
+    python bench.py knn      # chunked k-NN vs a brute-force full similarity matrix (memory, time)
+    python bench.py train    # train.py's loop vs a bare minimal loop (goal: overhead <= 5%)
+
+Each takes its own flags (`python bench.py models --help`). No timings are asserted anywhere.
+
+models: same architecture, same weights (ours loads the reference state dict strictly), same
+input, train mode. Runs alternate ours / theirs (order flipped every repetition); ratio =
+median(ours) / median(theirs); "paired" is the median of per-repetition ratios.
+data: generates full-size fundus-like PNGs in the APTOS layout in a temp folder, then reads
+two epochs through the same DataLoader settings from the originals (build_datasets(cache=False))
+and from the cache. The originals were just written and sit in the page cache, which favours them.
+cka: DeiT-S-shaped (25 layers of [n, 197, 384]) and ResNet50-shaped (17 layers) activations;
+ours (one Gram per layer per batch, one matrix product) against (a) the original code's
+approach written plainly (both Grams recomputed for every layer pair and batch, mean over
+batches) and (b) the PyPI package pytorch-cka (minibatch CKA) when it is installed.
+"""
+import argparse
+import copy
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import metrics
+import models
+
+
+# ========================================================================================
+# models
+# ========================================================================================
+# batch sizes small enough for a 2-core CPU; the largest models get a smaller batch
+_BENCH_MODELS_BATCH = {"deit_b": 2, "resnet152": 2}
+_BENCH_MODELS_TIMM = {"deit_t": "deit_tiny_patch16_224", "deit_s": "deit_small_patch16_224",
+                      "deit_b": "deit_base_patch16_224", "deit_s_5b": "deit_small_patch16_224"}
+
+
+def _bench_models_reference(name, size):
+    """The timm / torchvision model of the same architecture (timm with its default, fused
+    attention)."""
+    if name in _BENCH_MODELS_TIMM:
+        import timm
+        ref = timm.create_model(_BENCH_MODELS_TIMM[name], pretrained=False, img_size=size)
+        if name == "deit_s_5b":
+            ref.blocks = ref.blocks[:5]
+        return ref
+    import torchvision
+    if name == "inception_v3":
+        return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    return getattr(torchvision.models, name)(weights=None)
+
+
+def _bench_models_step(model, x, device, clock):
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = clock()
+    model(x).float().square().mean().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (clock() - t0) * 1e3
+
+
+def bench_models(argv=None):
+    p = argparse.ArgumentParser(prog="bench.py models", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(models.MODELS),
+                   help="comma-separated names from models.MODELS (default: all)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size (default 8; 2 for deit_b and resnet152)")
+    p.add_argument("--size", type=int, default=224, help="image size (default 224)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per model (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per model (default 1)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (steadier on a shared machine; "
+                        "use with --threads 1 so idle threads spinning do not count)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    names = [n for n in args.models.split(",") if n]
+    bad = [n for n in names if n not in models.MODELS]
+    if bad:
+        raise ValueError(f"--models: unknown {', '.join(bad)}; expected names from "
+                         f"{', '.join(models.MODELS)}")
+    device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise ValueError("--clock cpu only measures --device cpu")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"device={device} threads={torch.get_num_threads()} size={args.size} "
+          f"reps={args.reps} clock={args.clock} (forward+backward, train mode, median ms)")
+    print(f"{'model':<13} {'batch':>5} {'ours ms':>9} {'theirs ms':>10} {'ratio':>6} {'paired':>7}")
+    rows = []
+    for name in names:
+        torch.manual_seed(args.seed)
+        ref = _bench_models_reference(name, args.size).to(device).train()
+        ours = models.create_model(name, img_size=args.size).to(device).train()
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        batch = args.batch or _BENCH_MODELS_BATCH.get(name, 8)
+        x = torch.randn(batch, 3, args.size, args.size,
+                        generator=torch.Generator().manual_seed(args.seed)).to(device)
+        for _ in range(args.warmup):
+            _bench_models_step(ours, x, device, clock)
+            _bench_models_step(ref, x, device, clock)
+        times = {"ours": [], "theirs": []}
+        for r in range(args.reps):
+            pair = [("ours", ours), ("theirs", ref)]
+            for label, m in (pair if r % 2 == 0 else pair[::-1]):
+                times[label].append(_bench_models_step(m, x, device, clock))
+        a, b = statistics.median(times["ours"]), statistics.median(times["theirs"])
+        paired = statistics.median(o / t for o, t in zip(times["ours"], times["theirs"]))
+        rows.append((name, batch, a, b, a / b, paired))
+        print(f"{name:<13} {batch:>5} {a:>9.1f} {b:>10.1f} {a / b:>6.3f} {paired:>7.3f}",
+              flush=True)
+        del ref, ours
+    return rows
+
+
+# ========================================================================================
+# data
+# ========================================================================================
+def _bench_data_write(job):
+    """One full-size PNG: the 64 px fundus upsampled plus fine noise, so that it compresses
+    like a photograph (a few MB); compress_level 1 only to generate quickly."""
+    path, small, width, height, seed = job
+    big = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    big = big + np.random.default_rng(seed).integers(-3, 4, big.shape, dtype=np.int16)
+    Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(path, compress_level=1)
+
+
+def _bench_data_make_aptos(root, n, width, height, workers):
+    """n fundus-like PNGs in the APTOS layout (train.csv + train_images/)."""
+    small, labels = data.make_fundus(n, seed=0)
+    (root / "train_images").mkdir(parents=True)
+    jobs = [(root / "train_images" / f"img{k:04d}.png", small[k], width, height, k) for k in range(n)]
+    with multiprocessing.Pool(max(1, workers)) as pool:
+        pool.map(_bench_data_write, jobs)
+    lines = ["id_code,diagnosis"] + [f"img{k:04d},{labels[k]}" for k in range(n)]
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+
+
+def _bench_data_all(parts):
+    """Every image of the dataset (train, val, test) with the train transforms."""
+    views = []
+    for ds in parts[:3]:
+        v = copy.copy(ds)
+        v.transform = ds.train_transform
+        views.append(v)
+    return torch.utils.data.ConcatDataset(views)
+
+
+def _bench_data_epochs(ds, batch, workers, seed=0):
+    """images/s of epoch 1 (worker start included) and epoch 2 (persistent workers)."""
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, generator=g,
+                                         persistent_workers=workers > 0)
+    rates = []
+    for _ in range(2):
+        t, n = time.perf_counter(), 0
+        for x, _ in loader:
+            n += len(x)
+        rates.append(n / (time.perf_counter() - t))
+    return rates
+
+
+def bench_data(argv=None):
+    p = argparse.ArgumentParser(description="cache vs decoding originals: images/s of one epoch")
+    p.add_argument("--n", type=int, default=96, help="images to generate")
+    p.add_argument("--size", default="2000x1500", help="WIDTHxHEIGHT of the generated PNGs")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (and cache-building processes)")
+    p.add_argument("--batch", type=int, default=16)
+    args = p.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 2000x1500") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "aptos"
+        t = time.perf_counter()
+        _bench_data_make_aptos(root, args.n, width, height, args.workers)
+        mb = sum(f.stat().st_size for f in (root / "train_images").iterdir()) / 2 ** 20
+        print(f"generated {args.n} PNGs of {width}x{height} ({mb / args.n:.1f} MiB each) "
+              f"in {time.perf_counter() - t:.1f}s")
+        direct = _bench_data_all(data.build_datasets("aptos", root, img_size=args.img_size, cache=False))
+        t = time.perf_counter()
+        cached = _bench_data_all(data.build_datasets("aptos", root, img_size=args.img_size, workers=args.workers))
+        build = time.perf_counter() - t
+        print(f"cache built once in {build:.1f}s ({args.n / build:.1f} img/s, {args.workers} processes)")
+        print(f"epoch = all {len(cached)} images with the train transforms, img_size {args.img_size}, "
+              f"batch {args.batch}, {args.workers} DataLoader workers, shuffled")
+        d1, d2 = _bench_data_epochs(direct, args.batch, args.workers)
+        c1, c2 = _bench_data_epochs(cached, args.batch, args.workers)
+    print(f"{'':24s}{'epoch 1 (workers start)':>26s}{'epoch 2 (workers warm)':>26s}")
+    print(f"{'decode originals':24s}{d1:>21.1f} im/s{d2:>21.1f} im/s")
+    print(f"{'cache (memmap)':24s}{c1:>21.1f} im/s{c2:>21.1f} im/s")
+    print(f"{'ratio cache/originals':24s}{c1 / d1:>24.1f}x{c2 / d2:>24.1f}x")
+    return {"direct": [d1, d2], "cached": [c1, c2], "ratio": [c1 / d1, c2 / d2], "cache_build_s": build}
+
+
+# ========================================================================================
+# metrics
+# ========================================================================================
+_METRICS_LAYER_SETS = {
+    "deit_s": [(197, 384)] * 25,
+    "resnet50": [(64, 112, 112)] + [(256, 56, 56)] * 3 + [(512, 28, 28)] * 4
+                + [(1024, 14, 14)] * 6 + [(2048, 7, 7)] * 3,
+}
+
+
+def _bench_metrics_scaled(shape, scale):
+    """Shrink a CNN [C, H, W] shape's spatial size by `scale` (ViT token shapes unchanged)."""
+    return shape if len(shape) == 2 else (shape[0], max(1, shape[1] // scale), max(1, shape[2] // scale))
+
+
+def _bench_metrics_acts(shapes, n, batch, model, seed, device):
+    """Random-ish but correlated activations: layer l = relu(z_l P_l) with a latent z_l (n, 16)
+    drifting with depth (so CKA decays between distant layers) and a fixed random projection
+    P_l per layer; model B ("fine-tuned") perturbs model A's latents."""
+    g = torch.Generator().manual_seed(seed * 1000 + batch)
+    z = torch.randn(n, 16, generator=g)
+    gb = torch.Generator().manual_seed(seed * 1000 + batch + 500)
+    acts = []
+    for l, shape in enumerate(shapes):
+        z = z + 0.35 * torch.randn(n, 16, generator=g)
+        zl = z + 0.6 * torch.randn(n, 16, generator=gb) if model == "b" else z
+        p = torch.randn(16, int(np.prod(shape)), generator=torch.Generator().manual_seed(seed + l))
+        acts.append(torch.relu(zl @ p - 0.3).reshape(n, *shape).to(device))
+    return acts
+
+
+def _bench_metrics_original_center(gram):
+    """Unbiased centring as in the original code (Kornblith et al.'s demo), float64."""
+    if not torch.allclose(gram, gram.t()):
+        raise ValueError("Input must be a symmetric matrix.")
+    gram = gram.clone().double()
+    n = gram.shape[0]
+    gram.fill_diagonal_(0)
+    means = gram.sum(0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    gram -= means[:, None]
+    gram -= means[None, :]
+    gram.fill_diagonal_(0)
+    return gram
+
+
+def _bench_metrics_original_cka(x, y):
+    """The original per-pair CKA: both Grams from the raw (uncentred) features, then centred."""
+    gx = _bench_metrics_original_center(x @ x.t())
+    gy = _bench_metrics_original_center(y @ y.t())
+    return (gx.reshape(-1) @ gy.reshape(-1)) / (gx.norm() * gy.norm())
+
+
+def _bench_metrics_sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _BenchMetricsTimer:
+    """Wall-clock and process CPU seconds (the latter is steadier on a shared CPU machine)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        _bench_metrics_sync(self.device)
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        _bench_metrics_sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+
+
+def _bench_metrics_pytorch_cka(batches, la, lb, device):
+    """pytorch-cka's own path (hooks, Grams, its HSIC) on replayed activations, or None."""
+    try:
+        import torch.nn as nn
+        from cka import compute_cka
+    except ImportError as e:
+        print(f"  (b) pytorch-cka: not installed ({e}); skipped. Try `.venv/bin/pip install pytorch-cka`.")
+        return None
+
+    class Replay(nn.Module):
+        """Replays stored activations through identity layers so the package's hooks see them."""
+        def __init__(self, which, num):
+            super().__init__()
+            self.which = which
+            self.layers = nn.ModuleList(nn.Identity() for _ in range(num))
+
+        def forward(self, x):
+            acts = batches[int(x[0])][self.which]
+            for layer, a in zip(self.layers, acts):
+                layer(a)
+
+    n = batches[0][0][0].shape[0]
+    loader = [torch.full((n,), float(b)) for b in range(len(batches))]
+    names_a = [f"layers.{i}" for i in range(la)]
+    names_b = [f"layers.{i}" for i in range(lb)]
+    try:
+        with _BenchMetricsTimer(device) as tm:
+            # a list is read as a list of loaders: wrap ours
+            out = compute_cka(Replay(0, la), Replay(1, lb), [loader], layers=names_a, model2_layers=names_b,
+                              device=device, progress=False)[0]
+        return tm, out.double().cpu().numpy()
+    except Exception as e:  # an incompatible API version: report, do not fail the benchmark
+        print(f"  (b) pytorch-cka: failed with {type(e).__name__}: {e}; skipped.")
+        return None
+
+
+def _bench_metrics_cka_one(name, shapes, args):
+    la = lb = len(shapes)
+    dev, n = args.device, args.batch_size
+    print(f"\n== {name}: {la} x {lb} layers, {args.batches} batches of {n}, "
+          f"{sum(int(np.prod(s)) for s in shapes) / 1e6:.2f}M features/sample/model, device {dev}")
+    batches = [(_bench_metrics_acts(shapes, n, b, "a", args.seed, dev),
+                _bench_metrics_acts(shapes, n, b, "b", args.seed, dev)) for b in range(args.batches)]
+    # first calls per shape pay one-off library set-up (kernel selection/JIT): warm up, untimed
+    metrics.CKAAccumulator(la, lb).update_activations(*batches[0])
+
+    # ours: one Gram per layer per batch, then one (L_a, n^2) x (n^2, L_b) product per batch
+    acc = metrics.CKAAccumulator(la, lb, debiased=True, mode="mean")
+    with _BenchMetricsTimer(dev) as t_ours:
+        for acts_a, acts_b in batches:
+            acc.update([metrics.centered_gram(x) for x in acts_a], [metrics.centered_gram(y) for y in acts_b])
+        ours_mean = acc.compute()
+    ours_mb = metrics.CKAAccumulator(la, lb, mode="minibatch").merge(acc).compute()
+
+    # (a) original approach: per pair and per batch, both Grams recomputed
+    with _BenchMetricsTimer(dev) as t_orig:
+        per_batch = []
+        for acts_a, acts_b in batches:
+            sim = torch.zeros(la, lb, dtype=torch.float64)
+            for i in range(la):
+                for j in range(lb):
+                    sim[i, j] = _bench_metrics_original_cka(acts_a[i].flatten(1), acts_b[j].flatten(1))
+            per_batch.append(sim)
+        orig = torch.stack(per_batch).mean(0).numpy()
+
+    res_b = _bench_metrics_pytorch_cka(batches, la, lb, dev)
+    print(f"  CKA range (ours, minibatch): {np.nanmin(ours_mb):.3f} .. {np.nanmax(ours_mb):.3f}")
+    print(f"  {'method':55s} {'wall s':>7s} {'cpu s':>7s} {'x faster (wall/cpu)':>20s} {'max |diff|':>10s}")
+    row = lambda name, t, diff: print(f"  {name:55s} {t.wall:7.2f} {t.cpu:7.2f} "
+                                      f"{t.wall / t_ours.wall:9.1f} / {t.cpu / t_ours.cpu:8.1f} {diff:>10s}")
+    row("ours (Gram once per layer, G_a G_b^T), mean+minibatch", t_ours, "-")
+    d_orig = np.abs(ours_mean - orig).max()
+    row("(a) original: per-pair Grams, mean of per-batch CKA", t_orig, f"{d_orig:.2e}")
+    print(f"      (a) vs ours mode='mean': {'OK' if d_orig < 1e-6 else 'MISMATCH'} (tolerance 1e-6)")
+    if res_b is not None:
+        t_b, vals_b = res_b
+        d_b = np.abs(ours_mb - vals_b).max()
+        row("(b) pytorch-cka compute_cka (minibatch, float32)", t_b, f"{d_b:.2e}")
+        print(f"      (b) vs ours mode='minibatch': {'OK' if d_b < 1e-6 else 'differs by more than 1e-6'}")
+        if d_b >= 1e-6:
+            print("      pytorch-cka forms uncentred float32 Grams and float32 HSIC sums (then clamps to [0, 1]);"
+                  " the gap is its rounding, see the float64 check below")
+            ref = metrics.CKAAccumulator(la, lb, mode="minibatch")
+            for acts_a, acts_b in batches:
+                ref.update([metrics.centered_gram(x, dtype=torch.float64) for x in acts_a],
+                           [metrics.centered_gram(y, dtype=torch.float64) for y in acts_b])
+            ref = ref.compute()
+            print(f"      all-float64 minibatch vs ours: {np.abs(ref - ours_mb).max():.2e}; "
+                  f"vs pytorch-cka: {np.abs(ref - vals_b).max():.2e}")
+    return t_ours.wall, t_orig.wall
+
+
+def bench_cka(argv):
+    ap = argparse.ArgumentParser(prog="bench.py metrics_cka", description=__doc__)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--layers", default="deit_s,resnet50",
+                    help=f"comma-separated layer sets from {sorted(_METRICS_LAYER_SETS)}")
+    ap.add_argument("--resnet-downscale", type=int, default=2,
+                    help="divide the CNN layers' H and W by this; default 2 (a 112 px input) keeps the CPU run to a few minutes, 1 gives the 224 px shapes")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    for name in args.layers.split(","):
+        if name not in _METRICS_LAYER_SETS:
+            raise ValueError(f"--layers: unknown layer set {name!r}; expected some of {sorted(_METRICS_LAYER_SETS)}")
+        shapes = [_bench_metrics_scaled(s, args.resnet_downscale) for s in _METRICS_LAYER_SETS[name]]
+        with torch.no_grad():
+            _bench_metrics_cka_one(name, shapes, args)
+
+
+def _bench_metrics_knn_bruteforce(bank, labels, queries, k, t, num_classes):
+    """Full (n_queries x n_bank) similarity matrix, B x k x C one-hot vote (InstDisc/DINO style)."""
+    b = torch.nn.functional.normalize(bank, dim=1)
+    q = torch.nn.functional.normalize(queries, dim=1)
+    sim = q @ b.T
+    s, idx = sim.topk(k, dim=1)
+    w = (s / t).exp()
+    one_hot = torch.zeros(len(q) * k, num_classes).scatter_(1, labels[idx].view(-1, 1), 1)
+    scores = (one_hot.view(len(q), k, num_classes) * w[..., None]).sum(1)
+    return scores / scores.sum(1, keepdim=True)
+
+
+def _bench_metrics_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_knn(argv):
+    ap = argparse.ArgumentParser(prog="bench.py metrics_knn")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bank", type=int, default=50000)
+    ap.add_argument("--queries", type=int, default=10000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--classes", type=int, default=5)
+    ap.add_argument("--k", type=int, default=200)
+    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--bank-chunk-size", type=int, default=16384)
+    args = ap.parse_args(argv)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(args.classes, args.dim, generator=g)
+    yb = torch.randint(0, args.classes, (args.bank,), generator=g)
+    yq = torch.randint(0, args.classes, (args.queries,), generator=g)
+    bank = (centres[yb] + 2 * torch.randn(args.bank, args.dim, generator=g)).to(args.device)
+    queries = (centres[yq] + 2 * torch.randn(args.queries, args.dim, generator=g)).to(args.device)
+    yb = yb.to(args.device)
+    cuda = torch.device(args.device).type == "cuda"
+    print(f"\n== k-NN: bank {args.bank} x {args.dim}, {args.queries} queries, k={args.k}, "
+          f"{args.classes} classes, device {args.device}")
+    runs = [("ours, query chunks of %d" % args.chunk_size,
+             lambda: metrics.knn_predict(bank, yb, queries, args.k, num_classes=args.classes, chunk_size=args.chunk_size),
+             (args.chunk_size * args.bank + args.bank * args.dim) * 4),  # sims chunk + normalised bank
+            ("ours, + bank chunks of %d" % args.bank_chunk_size,
+             lambda: metrics.knn_predict(bank, yb, queries, args.k, num_classes=args.classes,
+                                         chunk_size=args.chunk_size, bank_chunk_size=args.bank_chunk_size),
+             (args.chunk_size * (args.bank_chunk_size + 2 * args.k) + args.bank * args.dim) * 4),
+            ("brute force: full similarity matrix, one-hot vote",
+             lambda: _bench_metrics_knn_bruteforce(bank, yb, queries, args.k, 0.1, args.classes),
+             (args.queries * args.bank + (args.bank + args.queries) * args.dim
+              + args.queries * args.k * args.classes) * 4)]  # full sims + normalised copies + one-hot
+    print(f"  {'method':52s} {'wall s':>7s} {'cpu s':>7s} {'est. peak MiB':>14s} {'meas. MiB':>10s} {'max |diff|':>11s}")
+    out = []
+    for name, fn, est in runs:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        rss0 = _bench_metrics_rss_mb()
+        with _BenchMetricsTimer(args.device) as tm:
+            scores = fn()
+        meas = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _bench_metrics_rss_mb() - rss0
+        out.append((name, tm, est / 2**20, meas, scores))
+    ref_scores = out[-1][4]
+    for name, tm, est, meas, scores in out:
+        diff = (scores - ref_scores).abs().max().item()
+        print(f"  {name:52s} {tm.wall:7.2f} {tm.cpu:7.2f} {est:14.0f} {meas:10.0f} {diff:11.2e}")
+    print("  (meas. MiB: peak CUDA allocation on GPU; on CPU the growth of the process's RSS high-water mark,"
+          " so runs are measured in order and a later run only shows growth beyond the earlier peaks)")
+    print(f"  brute force / ours wall time: {out[-1][1].wall / out[0][1].wall:.2f}x (query chunks), "
+          f"{out[-1][1].wall / out[1][1].wall:.2f}x (query + bank chunks)")
+
+
+# ========================================================================================
+# train
+# ========================================================================================
+def bench_train(argv):
+    """Our training loop (train.Trainer.fit) against a bare minimal loop: same model, same
+    in-memory data, same Adam + clipping, no logging/validation/seeding. Interleaved
+    ours/bare runs, best of --reps each; prints images/s and the ratio."""
+    import argparse
+    import tempfile
+    import time
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Dataset
+
+    import models
+    import train
+
+    p = argparse.ArgumentParser(prog="bench.py train")
+    p.add_argument("--models", default="resnet18,deit_t")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--images", type=int, default=512, help="training images per epoch")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"])
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+
+    class InMemory(Dataset):
+        def __init__(self, n, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.x = torch.randn(n, 3, a.size, a.size, generator=g)
+            self.labels = np.asarray(torch.randint(0, 5, (n,), generator=g))
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return self.x[i], int(self.labels[i])
+
+    info = {"num_classes": 5, "multilabel": False, "metric": "quadratic_kappa", "loss": "ce"}
+    train_ds, small = InMemory(a.images, 0), InMemory(a.batch, 1)
+
+    def ours(name):
+        args = train.parse_args(["--model", name, "--init", "ri", "--img-size", str(a.size), "--batch-size",
+                                 str(a.batch), "--epochs", "1", "--amp", a.amp, "--workers", "0",
+                                 "--device", a.device, "--log-every", "50"])
+        cfg = train.resolve_config(args)
+        model = models.create_model(name, num_classes=5, img_size=a.size)
+        with tempfile.TemporaryDirectory() as out:
+            t = train.Trainer(cfg, model, (train_ds, small, small), info, out, device, log=lambda *k: None)
+            t.fit()
+        return t.progress["images"] / t.progress["train_seconds"]
+
+    def bare(name):
+        model = models.create_model(name, num_classes=5, img_size=a.size).to(device)
+        dtype = train.amp_dtype({"amp": a.amp}, device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        loader = DataLoader(train_ds, batch_size=a.batch, shuffle=True, drop_last=True,
+                            pin_memory=device.type == "cuda")
+        if device.type == "cuda" and name.startswith(("resnet", "inception")):
+            model.to(memory_format=torch.channels_last)
+        n, t0 = 0, time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            n += x.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - t0)
+
+    print(f"train loop: {a.images} images/epoch, batch {a.batch}, {a.size}px, {device}, amp {a.amp}")
+    print(f"{'model':<12} {'ours img/s':>11} {'bare img/s':>11} {'overhead':>9}")
+    for name in a.models.split(","):
+        ours(name), bare(name)  # warm-up
+        o, b = [], []
+        for _ in range(a.reps):
+            o.append(ours(name))
+            b.append(bare(name))
+        best_o, best_b = max(o), max(b)
+        print(f"{name:<12} {best_o:11.1f} {best_b:11.1f} {best_b / best_o - 1:+8.1%}")
+
+
+BENCHES = {"models": bench_models, "data": bench_data, "cka": bench_cka, "knn": bench_knn, "train": bench_train}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
+        print(f"usage: python bench.py {{{','.join(BENCHES)}}} [flags]", file=sys.stderr)
+        sys.exit(2)
+    BENCHES[sys.argv[1]](sys.argv[2:])

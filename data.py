@@ -1,0 +1,747 @@
+"""Datasets: the five medical sets in their published layouts, seeded splits, the training
+transforms, a pre-resized image cache, and two generated offline tasks.
+
+    train, val, test, info = build_datasets("aptos", "/data/aptos2019", img_size=224, seed=0)
+    x, y = train[0]            # x: float [3, 224, 224] normalised; y: int (or float32 [14] for chexpert)
+    bank = eval_view(train)    # same items, eval transforms (the k-NN bank)
+
+Layouts read (root = the folder the user passes):
+    aptos     train.csv (id_code, diagnosis) + train_images/<id_code>.png
+    ddsm      ddsm_raw/<file> + ddsm_raw_image_lists/{train,val,test}.txt (one file name a line;
+              label from the name's prefix: normal -> 0, benign/benign_without_callback/cancer -> 1)
+    isic      ISIC_2019_Training_GroundTruth.csv (image, MEL..SCC, UNK ignored) + train/<image>.jpg
+              (or ISIC_2019_Training_Input/<image>.jpg when train/ is absent)
+    chexpert  train.csv (Path + 14 observations); Path is resolved against root, then root's parent,
+              then root with Path's first folder dropped; U-Zeroes (blank, -1 -> 0); no positive ->
+              "No Finding" = 1; split by patient (the 'patientNNNNN' folder in Path)
+    camelyon  camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 (HDF5 datasets x, y)
+
+Splits: the held-out part (aptos 0.3, isic 0.2, chexpert 0.2 of the patients) is a seeded
+permutation (numpy default_rng(seed)) of the sorted ids; its first half is val, the rest test
+(as the original code). The split is written once to <cache_dir>/split_<name>_seed<seed>.json and
+reused while it covers exactly the dataset's ids. ddsm and camelyon use their published splits.
+
+Cache: every image is decoded once, resized to (r, r) with r = round(img_size * 256 / 224)
+and stored, for the whole dataset, in one uint8 .npy memmap (grey sets keep one channel) plus
+an index .json, in cache_dir (default <root>/.wtst_cache when writable, else
+$XDG_CACHE_HOME/wtst/<hash of root> or ~/.cache/wtst/<hash of root>). The key hashes
+(dataset, root, r, files with sizes and mtimes); a mismatch rebuilds it (rows of unchanged
+files are copied from the old cache), atomically. camelyon reads HDF5 directly; the
+generated sets live in memory.
+
+Transforms (section 5 of the spec): Resize((r, r)) [done by the cache], then train:
+RandomResizedCrop(img_size, scale=(0.8, 1)), vertical and horizontal flips, ColorJitter(0.2, 0.2,
+0.1, 0.1) with p 0.2, RandomGrayscale(0.2); eval: CenterCrop(img_size); then ToTensor, Normalize.
+All augmentation randomness comes from torch's RNG, so torch.manual_seed and the DataLoader's
+per-worker seeding govern it. Grey images are replicated to 3 channels.
+"""
+import copy
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+DATASETS = ["aptos", "ddsm", "isic", "chexpert", "camelyon", "synthetic", "shapes"]
+DEFAULT_IMG_SIZE = {"aptos": 224, "ddsm": 224, "isic": 224, "chexpert": 224, "camelyon": 96,
+                    "synthetic": 64, "shapes": 64}
+
+CACHE_VERSION = 1            # bump to invalidate every cache after a change in decoding
+CACHE_WORKERS = None         # processes that build a cache (None: all cores)
+SYNTHETIC_SIZE = 3000        # images in the generated fundus-like task (all splits)
+SHAPES_SIZE = 4800           # images in the generated shapes task (all splits)
+GENERATED_RES = 64           # native resolution of both generated tasks
+
+CHEXPERT_CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
+                    "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
+                    "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
+ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+SHAPE_NAMES = ["circle", "square", "triangle", "cross"]
+TEXTURE_NAMES = ["solid", "stripes", "checker", "dots"]
+
+# name -> fixed facts: classes, metric, loss, mean/std, grey files, held-out fraction, layout hint
+_SPECS = {
+    "aptos": dict(classes=["No DR", "Mild", "Moderate", "Severe", "Proliferative DR"],
+                  metric="quadratic_kappa", mean=(0.415, 0.221, 0.073), std=(0.275, 0.150, 0.081),
+                  grey=False, heldout=0.3, layout="train.csv and train_images/<id_code>.png"),
+    "ddsm": dict(classes=["normal", "abnormal"], metric="roc_auc", mean=(0.286,) * 3, std=(0.267,) * 3,
+                 grey=True, heldout=None,
+                 layout="ddsm_raw/<file> and ddsm_raw_image_lists/{train,val,test}.txt"),
+    "isic": dict(classes=ISIC_CLASSES, metric="macro_recall", mean=(0.668, 0.530, 0.524),
+                 std=(0.224, 0.204, 0.215), grey=False, heldout=0.2,
+                 layout="ISIC_2019_Training_GroundTruth.csv and train/<image>.jpg"),
+    "chexpert": dict(classes=CHEXPERT_CLASSES, metric="mean_auc", mean=(0.503,) * 3, std=(0.292,) * 3,
+                     grey=True, heldout=0.2, layout="train.csv with Path and the 14 observation columns"),
+    "camelyon": dict(classes=["normal", "tumor"], metric="roc_auc", mean=(0.700, 0.538, 0.691),
+                     std=(0.231, 0.274, 0.209), grey=False, heldout=None,
+                     layout="camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5"),
+    "synthetic": dict(classes=[f"grade{g}" for g in range(5)], metric="quadratic_kappa", heldout=0.3),
+    "shapes": dict(classes=[f"{s}-{t}" for s in SHAPE_NAMES for t in TEXTURE_NAMES],
+                   metric="macro_recall", heldout=0.2),
+}
+
+
+# ----------------------------------------------------------------------------- transforms
+def resize_size(img_size):
+    """Side r of the square resize before cropping: 256 for 224 (the paper's ratio)."""
+    return int(round(img_size * 256 / 224))
+
+
+def build_transforms(img_size, mean, std):
+    """(train, eval) transforms applied to a PIL RGB image already resized to (r, r)."""
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    train = T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.8, 1.0)),
+        T.RandomVerticalFlip(),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.2, 0.2, 0.1, 0.1)], p=0.2),
+        T.RandomGrayscale(0.2),
+    ] + tail)
+    evaluate = T.Compose([T.CenterCrop(img_size)] + tail)
+    return train, evaluate
+
+
+def _resize(img, r):
+    """Resize((r, r)) exactly as torchvision does it on PIL images (bilinear, antialiased)."""
+    return img if img.size == (r, r) else TF.resize(img, [r, r], interpolation=T.InterpolationMode.BILINEAR)
+
+
+def decode_image(path, mode, r):
+    """Decode one file fully (PIL .load() catches truncation), convert to `mode` ('L' or 'RGB')
+    and resize to (r, r). 16-bit grey is scaled to 8 bits (value / 257) instead of clipped."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                a = np.asarray(img).astype(np.int64)
+                img = Image.fromarray(((np.clip(a, 0, 65535) + 128) // 257).astype(np.uint8))
+            img = img.convert(mode) if img.mode != mode else img.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image {path}: {e} (expected a complete, readable image file)") from None
+    return _resize(img, r)
+
+
+# ----------------------------------------------------------------------------- image sources
+class _FileSource:
+    """Decodes and resizes the original files on every access (no cache)."""
+
+    def __init__(self, paths, mode, r):
+        self.paths, self.mode, self.r = list(paths), mode, r
+
+    def image(self, i):
+        return decode_image(self.paths[i], self.mode, self.r).convert("RGB")
+
+
+class _MemmapSource:
+    """Rows of the cache memmap; the map is opened lazily, once per process (DataLoader workers)."""
+
+    def __init__(self, path, rows):
+        self.path, self.rows = str(path), np.asarray(rows, dtype=np.int64)
+        self._mm, self._pid = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mm": None, "_pid": None}
+
+    def image(self, i):
+        if self._mm is None or self._pid != os.getpid():
+            self._mm, self._pid = np.load(self.path, mmap_mode="r"), os.getpid()
+        return Image.fromarray(np.asarray(self._mm[self.rows[i]])).convert("RGB")
+
+
+class _ArraySource:
+    """In-memory uint8 images [N, H, W, 3] (generated tasks), resized on access."""
+
+    def __init__(self, images, r):
+        self.images, self.r = images, r
+
+    def image(self, i):
+        return _resize(Image.fromarray(self.images[i]), self.r)
+
+
+class _H5Source:
+    """PatchCamelyon HDF5 `x` [N, 96, 96, 3] uint8, opened lazily once per process."""
+
+    def __init__(self, path, r):
+        self.path, self.r = str(path), r
+        self._x, self._pid = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_x": None, "_pid": None}
+
+    def image(self, i):
+        if self._x is None or self._pid != os.getpid():
+            import h5py
+            self._x, self._pid = h5py.File(self.path, "r")["x"], os.getpid()
+        return _resize(Image.fromarray(np.asarray(self._x[i])), self.r)
+
+
+class ImageDataset(Dataset):
+    """(normalised float [3, H, W], label) items; `.labels` holds every label as numpy
+    (int64 [n] or float32 [n, C]); `.ids` the file ids (relative paths) or row numbers."""
+
+    def __init__(self, source, labels, ids, train_transform, eval_transform, name, split):
+        self.source, self.labels, self.ids = source, labels, list(ids)
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        # augment the training split only; val and test are scored with the eval transforms
+        self.transform = train_transform if split == "train" else eval_transform
+        self.name, self.split = name, split
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.transform(self.source.image(i))
+        y = self.labels[i]
+        return x, (torch.tensor(y, dtype=torch.float32) if self.labels.ndim == 2 else int(y))
+
+    def __repr__(self):
+        return f"ImageDataset({self.name}/{self.split}, n={len(self)})"
+
+
+def eval_view(ds):
+    """The same items as `ds` with the eval transforms (k-NN bank = training split)."""
+    view = copy.copy(ds)
+    view.transform = ds.eval_transform
+    return view
+
+
+# ----------------------------------------------------------------------------- readers
+class _Table:
+    """What a reader found: ids (file paths relative to `base`), labels, optional groups
+    (patients) or published splits, and the files the ids came from (for messages)."""
+
+    def __init__(self, ids, labels, base, source, groups=None, splits=None, resolve=None):
+        self.ids, self.labels, self.base, self.source = ids, labels, Path(base), source
+        self.groups, self.splits = groups, splits
+        self.resolve = resolve or (lambda i: self.base / i)
+
+
+def _check_root(name, root):
+    if root is None or not Path(root).is_dir():
+        raise FileNotFoundError(f"{name}: dataset root '{root}' is not a folder (expected {_SPECS[name]['layout']})")
+    return Path(root).resolve()
+
+
+def _read_csv(path, required, name):
+    """Rows of a CSV as dicts; checks the file and its required columns."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: {path} does not exist (expected {_SPECS[name]['layout']})")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{name}: {path} lacks column(s) {', '.join(missing)} "
+                             f"(found {', '.join(reader.fieldnames or []) or 'no header'})")
+        rows = [(reader.line_num, row) for row in reader]
+    for line, row in rows:
+        if any(row[c] is None for c in required):
+            raise ValueError(f"{name}: {path} line {line} has fewer fields than the header "
+                             f"(expected values for {', '.join(required)})")
+    if not rows:
+        raise ValueError(f"{name}: {path} has no rows")
+    return rows
+
+
+def _no_duplicates(ids, where, name):
+    seen = set()
+    for i in ids:
+        if i in seen:
+            raise ValueError(f"{name}: {where} lists '{i}' twice (expected each image once)")
+        seen.add(i)
+
+
+def _read_aptos(root):
+    csv_path = root / "train.csv"
+    ids, labels = [], []
+    for line, row in _read_csv(csv_path, ["id_code", "diagnosis"], "aptos"):
+        v = row["diagnosis"].strip()
+        if not re.fullmatch(r"[0-4](\.0*)?", v):
+            raise ValueError(f"aptos: {csv_path} line {line}: diagnosis '{v}' for {row['id_code']} "
+                             f"is not a grade 0..4")
+        ids.append(f"train_images/{row['id_code'].strip()}.png")
+        labels.append(int(float(v)))
+    _no_duplicates(ids, csv_path, "aptos")
+    return _Table(ids, np.array(labels, dtype=np.int64), root, csv_path)
+
+
+def _read_ddsm(root):
+    list_dir = root / "ddsm_raw_image_lists"
+    codes = {"normal": 0, "benign": 1, "cancer": 1}
+    ids, labels, splits = [], [], {}
+    for split in ("train", "val", "test"):
+        path = list_dir / f"{split}.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"ddsm: {path} does not exist (expected {_SPECS['ddsm']['layout']})")
+        names = []
+        for line, text in enumerate(path.read_text().splitlines(), 1):
+            if not text.strip():
+                continue
+            fname = text.split()[0]
+            prefix = Path(fname).name.split("_")[0]
+            if prefix not in codes:
+                raise ValueError(f"ddsm: {path} line {line}: '{fname}' does not start with normal_, benign_ "
+                                 f"or cancer_ (the label comes from that prefix)")
+            names.append(f"ddsm_raw/{fname}")
+            labels.append(codes[prefix])
+        if not names:
+            raise ValueError(f"ddsm: {path} lists no images")
+        splits[split] = names
+        ids += names
+    _no_duplicates(ids, f"{list_dir} (train/val/test together)", "ddsm")
+    return _Table(ids, np.array(labels, dtype=np.int64), root, list_dir, splits=splits)
+
+
+def _read_isic(root):
+    csv_path = root / "ISIC_2019_Training_GroundTruth.csv"
+    folder = "train" if (root / "train").is_dir() else "ISIC_2019_Training_Input"
+    if not (root / folder).is_dir():
+        raise FileNotFoundError(f"isic: neither {root / 'train'} nor {root / 'ISIC_2019_Training_Input'} "
+                                f"exists (expected the images as train/<image>.jpg)")
+    ids, labels = [], []
+    for line, row in _read_csv(csv_path, ["image"] + ISIC_CLASSES, "isic"):
+        try:
+            v = np.array([float(row[c] or 0) for c in ISIC_CLASSES])
+        except ValueError:
+            raise ValueError(f"isic: {csv_path} line {line}: non-numeric class value in "
+                             f"{[row[c] for c in ISIC_CLASSES]}") from None
+        if not (np.isin(v, (0, 1)).all() and v.sum() == 1):
+            raise ValueError(f"isic: {csv_path} line {line}: image {row['image']} has {v.tolist()} in "
+                             f"{','.join(ISIC_CLASSES)} (expected exactly one 1; UNK-only rows are not supported)")
+        ids.append(f"{folder}/{row['image'].strip()}.jpg")
+        labels.append(int(v.argmax()))
+    _no_duplicates(ids, csv_path, "isic")
+    return _Table(ids, np.array(labels, dtype=np.int64), root, csv_path)
+
+
+def _chexpert_resolver(root, first):
+    """Path columns start with 'CheXpert-v1.0[-small]/'; find the folder they are relative to."""
+    p = Path(first)
+    if (root / p).is_file():
+        return lambda i: root / i
+    if (root.parent / p).is_file():
+        return lambda i: root.parent / i
+    if len(p.parts) > 1 and (root / Path(*p.parts[1:])).is_file():
+        return lambda i: root / Path(*Path(i).parts[1:])
+    raise FileNotFoundError(f"chexpert: image '{first}' (first row of train.csv) is neither under {root} "
+                            f"nor under {root.parent} (expected root = the CheXpert-v1.0[-small] folder or its parent)")
+
+
+def _read_chexpert(root):
+    csv_path = root / "train.csv"
+    ids, labels, groups = [], [], []
+    for line, row in _read_csv(csv_path, ["Path"] + CHEXPERT_CLASSES, "chexpert"):
+        y = np.zeros(len(CHEXPERT_CLASSES), dtype=np.float32)
+        for k, c in enumerate(CHEXPERT_CLASSES):
+            v = row[c].strip()
+            if v not in ("", "1", "1.0", "0", "0.0", "-1", "-1.0"):
+                raise ValueError(f"chexpert: {csv_path} line {line}: column '{c}' has '{v}' "
+                                 f"(expected blank, 1, 0 or -1)")
+            y[k] = 1.0 if v in ("1", "1.0") else 0.0      # U-Zeroes: blank and -1 -> 0
+        if y.sum() == 0:
+            y[0] = 1.0                                     # no positive -> "No Finding"
+        m = re.search(r"patient\d+", row["Path"])
+        if m is None:
+            raise ValueError(f"chexpert: {csv_path} line {line}: cannot derive a patient id from Path "
+                             f"'{row['Path']}' (expected a 'patientNNNNN' folder)")
+        ids.append(row["Path"].strip())
+        labels.append(y)
+        groups.append(m.group(0))
+    _no_duplicates(ids, csv_path, "chexpert")
+    return _Table(ids, np.stack(labels), root, csv_path, groups=groups,
+                  resolve=_chexpert_resolver(root, ids[0]))
+
+
+_READERS = {"aptos": _read_aptos, "ddsm": _read_ddsm, "isic": _read_isic, "chexpert": _read_chexpert}
+
+
+# ----------------------------------------------------------------------------- splits
+def make_split(ids, heldout, seed, groups=None):
+    """{"train","val","test"} -> sorted ids. Units (ids, or groups such as patients) are sorted,
+    permuted by numpy default_rng(seed); the first round(heldout * n) are held out, the first
+    half of those is val, the rest test."""
+    units = sorted(set(groups)) if groups is not None else sorted(ids)
+    perm = np.random.default_rng(seed).permutation(len(units))
+    n_held = int(round(len(units) * heldout))
+    held = [units[k] for k in perm[:n_held]]
+    where = {u: "train" for u in units}
+    where.update({u: "val" for u in held[:n_held // 2]})
+    where.update({u: "test" for u in held[n_held // 2:]})
+    keys = groups if groups is not None else ids
+    out = {"train": [], "val": [], "test": []}
+    for i, k in zip(ids, keys):
+        out[where[k]].append(i)
+    return {s: sorted(v) for s, v in out.items()}
+
+
+def _atomic_write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _load_or_make_split(name, table, seed, cache_dir):
+    """The published split (ddsm), else the split file, (re)written when absent or not
+    covering exactly the dataset's ids."""
+    if table.splits is not None:
+        return table.splits, None
+    heldout = _SPECS[name]["heldout"]
+    path = Path(cache_dir) / f"split_{name}_seed{seed}.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            parts = {s: saved[s] for s in ("train", "val", "test")}
+            covers = sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(table.ids)
+        except (ValueError, KeyError, TypeError):
+            covers = False
+        if covers:
+            return parts, path
+        warnings.warn(f"{name}: split file {path} does not match the dataset's images; rewriting it")
+    parts = make_split(table.ids, heldout, seed, table.groups)
+    for s, v in parts.items():
+        if not v:
+            raise ValueError(f"{name}: {len(table.ids)} images are too few for a non-empty {s} split "
+                             f"(held-out fraction {heldout})")
+    _atomic_write_json(path, {"dataset": name, "seed": seed, "heldout": heldout,
+                              "by": "patient" if table.groups is not None else "image", **parts})
+    return parts, path
+
+
+# ----------------------------------------------------------------------------- cache
+def default_cache_dir(root):
+    """<root>/.wtst_cache when root is writable, else ~/.cache/wtst/<sha1(root)[:12]>."""
+    root = Path(root).resolve()
+    local = root / ".wtst_cache"
+    try:
+        local.mkdir(exist_ok=True)
+        if os.access(local, os.W_OK):
+            return local
+    except OSError:
+        pass
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    d = base / "wtst" / hashlib.sha1(str(root).encode()).hexdigest()[:12]
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _file_entries(name, table):
+    """[(id, size, mtime_ns)] for every image; a missing one is an error naming it."""
+    out = []
+    for i in table.ids:
+        try:
+            st = os.stat(table.resolve(i))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{name}: image {table.resolve(i)} listed in {table.source} "
+                                    f"does not exist") from None
+        out.append((i, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _cache_worker(args):
+    """Decode a chunk of files into rows of the (temporary) cache file; runs in a pool."""
+    tmp, rows, paths, mode, r = args
+    mm = np.load(tmp, mmap_mode="r+")
+    for row, p in zip(rows, paths):
+        mm[row] = np.asarray(decode_image(p, mode, r))
+    mm.flush()
+    return len(rows)
+
+
+def _old_rows(cache_dir, prefix, shape, entries):
+    """Rows of a previous cache (same prefix and shape) whose file is unchanged: {new_row: (npy, old_row)}."""
+    reuse = {}
+    want = {e[0]: (k, tuple(e)) for k, e in enumerate(entries)}
+    for idx_path in sorted(Path(cache_dir).glob(prefix + "*.json")):
+        try:
+            old = json.loads(idx_path.read_text())
+            npy = idx_path.with_suffix(".npy")
+            if tuple(old["shape"][1:]) != tuple(shape[1:]) or not npy.is_file():
+                continue
+        except (ValueError, KeyError):
+            continue
+        for old_row, e in enumerate(old["files"]):
+            k = want.get(e[0])
+            if k is not None and k[1] == tuple(e) and k[0] not in reuse:
+                reuse[k[0]] = (npy, old_row)
+    return reuse
+
+
+def ensure_cache(name, table, r, cache_dir, workers=None):
+    """Path of the cache .npy holding every image of `table` at (r, r), building it if the
+    key (dataset, root, r, channels, files with sizes and mtimes) has no match."""
+    mode = "L" if _SPECS[name]["grey"] else "RGB"
+    entries = _file_entries(name, table)
+    key_src = {"version": CACHE_VERSION, "dataset": name, "root": str(table.base), "r": r, "mode": mode,
+               "files": entries}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
+    prefix = f"{name}_{hashlib.sha1(str(table.base).encode()).hexdigest()[:8]}_r{r}_"
+    npy, idx = Path(cache_dir) / f"{prefix}{key[:16]}.npy", Path(cache_dir) / f"{prefix}{key[:16]}.json"
+    if idx.is_file() and npy.is_file():
+        try:
+            if json.loads(idx.read_text()).get("key") == key:
+                return npy
+        except ValueError:
+            pass
+    shape = (len(entries), r, r) if mode == "L" else (len(entries), r, r, 3)
+    tmp = f"{npy}.tmp{os.getpid()}"
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        reuse = _old_rows(cache_dir, prefix, shape, entries)
+        olds = {}
+        for new_row, (old_npy, old_row) in reuse.items():
+            olds.setdefault(old_npy, np.load(old_npy, mmap_mode="r"))
+            mm[new_row] = olds[old_npy][old_row]
+        mm.flush()
+        del mm, olds
+        todo = [k for k in range(len(entries)) if k not in reuse]
+        _decode_rows(name, tmp, todo, [str(table.resolve(entries[k][0])) for k in todo], mode, r, workers)
+        os.replace(tmp, npy)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _atomic_write_json(idx, {**key_src, "key": key, "shape": list(shape)})
+    for old in Path(cache_dir).glob(prefix + "*"):         # stale caches of this dataset and size
+        if old not in (npy, idx) and ".tmp" not in old.name:
+            try:
+                old.unlink(missing_ok=True)
+            except OSError:                                  # still mapped elsewhere (Windows)
+                pass
+    return npy
+
+
+def _decode_rows(name, tmp, rows, paths, mode, r, workers):
+    """Fill `rows` of the memmap file `tmp` from `paths`, in a process pool when worth it."""
+    from tqdm import tqdm
+    if not rows:
+        return
+    workers = workers or CACHE_WORKERS or os.cpu_count() or 1
+    chunk = 16
+    jobs = [(tmp, rows[k:k + chunk], paths[k:k + chunk], mode, r) for k in range(0, len(rows), chunk)]
+    bar = tqdm(total=len(rows), desc=f"caching {name} at {r}px", unit="img", disable=len(rows) < 64)
+    with bar:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                bar.update(_cache_worker(job))
+        else:
+            with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
+                for n in pool.imap_unordered(_cache_worker, jobs):
+                    bar.update(n)
+
+
+# ----------------------------------------------------------------------------- camelyon
+def _build_camelyon(root, img_size, tfms):
+    import h5py
+    r = resize_size(img_size)
+    out = {}
+    for split, tag in (("train", "train"), ("val", "valid"), ("test", "test")):
+        paths = {k: root / f"camelyonpatch_level_2_split_{tag}_{k}.h5" for k in ("x", "y")}
+        for k, p in paths.items():
+            if not p.is_file():
+                hint = f" (found {p.name}.gz: gunzip it first)" if Path(f"{p}.gz").is_file() else ""
+                raise FileNotFoundError(f"camelyon: {p} does not exist{hint}")
+        try:
+            with h5py.File(paths["y"], "r") as f:
+                if "y" not in f:
+                    raise ValueError(f"camelyon: {paths['y']} has no dataset 'y' (found {list(f.keys())})")
+                y = np.asarray(f["y"]).reshape(-1).astype(np.int64)
+            with h5py.File(paths["x"], "r") as f:
+                if "x" not in f:
+                    raise ValueError(f"camelyon: {paths['x']} has no dataset 'x' (found {list(f.keys())})")
+                xs, xd = f["x"].shape, f["x"].dtype
+        except OSError as e:
+            raise ValueError(f"camelyon: cannot read HDF5 file ({e}) (expected {_SPECS['camelyon']['layout']})") from None
+        if len(xs) != 4 or xs[3] != 3 or xd != np.uint8:
+            raise ValueError(f"camelyon: {paths['x']} 'x' is {xd} {xs} (expected uint8 [N, 96, 96, 3])")
+        if xs[0] != len(y):
+            raise ValueError(f"camelyon: {paths['x']} has {xs[0]} images but {paths['y']} {len(y)} labels")
+        bad = y[(y < 0) | (y > 1)]
+        if bad.size:
+            raise ValueError(f"camelyon: {paths['y']} has label {bad[0]} (expected 0 or 1)")
+        out[split] = ImageDataset(_H5Source(paths["x"], r), y, range(len(y)), *tfms, "camelyon", split)
+    return out
+
+
+# ----------------------------------------------------------------------------- generated tasks
+def _grid(res):
+    """Pixel-centre coordinates in [-1, 1], shape [1, res, res] each."""
+    c = (np.arange(res, dtype=np.float32) + 0.5) / res * 2 - 1
+    return c[None, :, None], c[None, None, :]          # y, x
+
+
+def make_fundus(n, seed, res=GENERATED_RES):
+    """Fundus-like images (uint8 [n, res, res, 3]) and grades (int64 [n]), balanced over 0..4.
+
+    Dark background, an orange-red disc with vignetting, a bright optic disc and dark vessel-like
+    curves radiating from it. The grade sets the lesions: count ~ (0, 3, 7, 12, 18)[g] + U{0..2}
+    Gaussian spots of radius ~ (0.03..0.05) * (1 + 0.25 g) disc radii, either bright yellow
+    (exudates) or dark red (haemorrhages, more frequent at higher grades)."""
+    rng = np.random.default_rng([seed, 101])
+    labels = rng.permutation(np.arange(n) % 5).astype(np.int64)
+    out = np.empty((n, res, res, 3), dtype=np.uint8)
+    gy, gx = _grid(res)
+    for s in range(0, n, 500):
+        g = labels[s:s + 500]
+        b = len(g)
+        u = lambda lo, hi, *shape: rng.uniform(lo, hi, (b,) + shape).astype(np.float32)
+        cy, cx, rad = u(-.06, .06, 1, 1), u(-.06, .06, 1, 1), u(.82, .95, 1, 1)
+        d = np.sqrt((gy - cy) ** 2 + (gx - cx) ** 2) / rad
+        inside = np.clip((1 - d) * 12, 0, 1)
+        base = np.stack([u(.65, .85, 1, 1), u(.25, .40, 1, 1), u(.05, .12, 1, 1)], -1)   # [b,1,1,3]
+        img = base * (1 - 0.45 * d[..., None] ** 2)
+        # optic disc to one side, vessels radiating from it
+        side = np.where(rng.random((b, 1, 1)) < 0.5, -1.0, 1.0).astype(np.float32)
+        oy, ox = cy + u(-.1, .1, 1, 1), cx + side * 0.45 * rad
+        od = np.sqrt((gy - oy) ** 2 + (gx - ox) ** 2)
+        theta, freq, phase = np.arctan2(gy - oy, gx - ox), u(2., 4., 1, 1), u(0, 6.28, 1, 1)
+        vessel = (np.abs(np.sin(3 * theta + freq * od + phase)) < 0.12) * np.exp(-od * 1.2) * (od > .1)
+        img = img * (1 - 0.45 * vessel[..., None])
+        img = img + np.exp(-(od / .11) ** 2)[..., None] * np.array([.35, .3, .15], np.float32)
+        # lesions: Gaussian spots summed into a bright (exudate) and a dark (haemorrhage) map
+        count = np.array([0, 3, 7, 12, 18])[g] + rng.integers(0, 3, b) * (g > 0)
+        maps = np.zeros((2, b, res, res), np.float32)
+        for k in range(int(count.max(initial=0))):
+            on = np.nonzero(k < count)[0]
+            m = len(on)
+            v = lambda lo, hi: rng.uniform(lo, hi, (m, 1, 1)).astype(np.float32)
+            lr, la = 0.8 * np.sqrt(v(0, 1)), v(0, 6.28)
+            ly, lx = cy[on] + lr * rad[on] * np.sin(la), cx[on] + lr * rad[on] * np.cos(la)
+            size = v(.03, .05) * (1 + 0.25 * g[on, None, None]) * rad[on]
+            blob = np.exp(-((gy - ly) ** 2 + (gx - lx) ** 2) / (2 * size ** 2))
+            dark = (rng.random(m) < 0.3 + 0.1 * g[on]).astype(np.int64)
+            maps[dark, on] += blob
+        bright, darkm = np.minimum(maps[0], 1)[..., None], np.minimum(maps[1], 1)[..., None]
+        img = img * (1 - 0.7 * darkm * np.array([.6, 1, 1], np.float32)) + bright * np.array([.45, .4, .1], np.float32)
+        img = img * inside[..., None] + (rng.random(img.shape, dtype=np.float32) - .5) * .07
+        out[s:s + b] = np.clip(img * 255, 0, 255).astype(np.uint8)
+    return out, labels
+
+
+def make_shapes(n, seed, res=GENERATED_RES):
+    """Natural-image-like source task (uint8 [n, res, res, 3], int64 [n]): 16 classes =
+    4 shapes (circle, square, triangle, cross) x 4 textures (solid, stripes, checker, dots),
+    each rotated, scaled and placed at random, in random colours on a random smooth
+    background of contrasting brightness (so colour and grey-scale augmentations keep it)."""
+    rng = np.random.default_rng([seed, 202])
+    labels = rng.permutation(np.arange(n) % 16).astype(np.int64)
+    out = np.empty((n, res, res, 3), dtype=np.uint8)
+    gy, gx = _grid(res)
+    for s in range(0, n, 500):
+        lab = labels[s:s + 500]
+        b = len(lab)
+        shape, tex = lab // 4, lab % 4
+        u = lambda lo, hi, *sh: rng.uniform(lo, hi, (b,) + sh).astype(np.float32)
+        # background: two colours blended along a random direction, plus a soft ripple
+        dark_bg = (rng.random((b, 1, 1, 1)) < 0.5)
+        c1, c2 = u(0, 1, 1, 1, 3), u(0, 1, 1, 1, 3)
+        bg_lvl = np.where(dark_bg, u(.05, .35, 1, 1, 1), u(.65, .95, 1, 1, 1))
+        a = u(0, 6.28, 1, 1)
+        t = ((np.cos(a) * gx + np.sin(a) * gy + 1.5) / 3)[..., None]
+        bg = (c1 * t + c2 * (1 - t)) * 0.5 + bg_lvl * 0.5
+        bg = bg + 0.05 * np.sin(u(2, 6, 1, 1) * gx + u(2, 6, 1, 1) * gy + u(0, 6.28, 1, 1))[..., None]
+        # foreground colour of the opposite brightness; second colour darker for the texture
+        fg_lvl = np.where(dark_bg, u(.7, 1, 1, 1, 1), u(0, .3, 1, 1, 1))
+        fg1 = np.clip(fg_lvl + u(-.3, .3, 1, 1, 3), 0, 1)
+        fg2 = np.clip(fg1 * 0.35 + (1 - fg_lvl) * 0.4, 0, 1)
+        # shape in rotated, scaled coordinates (u, v)
+        cy, cx, size, rot = u(-.3, .3, 1, 1), u(-.3, .3, 1, 1), u(.4, .65, 1, 1), u(0, 6.28, 1, 1)
+        du, dv = (gx - cx) / size, (gy - cy) / size
+        pu, pv = np.cos(rot) * du + np.sin(rot) * dv, -np.sin(rot) * du + np.cos(rot) * dv
+        tri = np.ones_like(pu, dtype=bool)
+        for k in range(3):
+            ang = -np.pi / 2 + 2 * np.pi * k / 3
+            tri &= (np.cos(ang) * pu + np.sin(ang) * pv) < 0.5
+        masks = np.stack([pu ** 2 + pv ** 2 < 1,
+                          np.maximum(np.abs(pu), np.abs(pv)) < 0.8,
+                          tri,
+                          ((np.abs(pu) < .3) & (np.abs(pv) < .9)) | ((np.abs(pv) < .3) & (np.abs(pu) < .9))])
+        mask = masks[shape, np.arange(b)]
+        # texture in pixel units, rotated with the shape, period 8-11 px
+        period = u(8, 11, 1, 1) * 2 / res
+        tu, tv = pu * size / period, pv * size / period
+        fu, fv = tu - np.floor(tu) - .5, tv - np.floor(tv) - .5
+        texs = np.stack([np.ones_like(mask), np.sin(2 * np.pi * tu) > 0,
+                         np.sin(2 * np.pi * tu) * np.sin(2 * np.pi * tv) > 0, fu ** 2 + fv ** 2 < 0.09])
+        pattern = texs[tex, np.arange(b)]
+        fg = np.where(pattern[..., None], fg1, fg2)
+        img = np.where(mask[..., None], fg, bg) + (rng.random((b, res, res, 3), dtype=np.float32) - .5) * .1
+        out[s:s + b] = np.clip(img * 255, 0, 255).astype(np.uint8)
+    return out, labels
+
+
+def _build_generated(name, img_size, seed):
+    n = SYNTHETIC_SIZE if name == "synthetic" else SHAPES_SIZE
+    images, labels = (make_fundus if name == "synthetic" else make_shapes)(n, seed)
+    n_held = int(round(n * _SPECS[name]["heldout"]))
+    n_train, n_val = n - n_held, n_held // 2        # iid draws: slicing is a random split
+    cuts = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val), "test": slice(n_train + n_val, n)}
+    px = images[cuts["train"]].reshape(-1, 3) / 255.0
+    mean, std = tuple(np.round(px.mean(0), 3).tolist()), tuple(np.round(px.std(0), 3).tolist())
+    tfms = build_transforms(img_size, mean, std)
+    r = resize_size(img_size)
+    out = {s: ImageDataset(_ArraySource(images[c], r), labels[c], range(c.start, c.stop), *tfms, name, s)
+           for s, c in cuts.items()}
+    return out, mean, std
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True, workers=None):
+    """(train, val, test, info) for one dataset.
+
+    seed: the split seed (and, for the generated tasks, the generation seed). cache_dir: where the
+    split file and image cache go (default: default_cache_dir(root)). cache=False decodes and resizes
+    the original files on every access (same pixels, much slower). workers: cache-building processes.
+    info: name, classes, num_classes, multilabel, metric, loss, mean, std, sizes, img_size, resize,
+    root, cache_dir, split_file, cache_file."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}' (expected one of {', '.join(DATASETS)})")
+    if not isinstance(img_size, (int, np.integer)) or img_size < 8:
+        raise ValueError(f"img_size {img_size!r}: expected an integer >= 8")
+    spec = _SPECS[name]
+    info = {"name": name, "classes": list(spec["classes"]), "num_classes": len(spec["classes"]),
+            "multilabel": name == "chexpert", "metric": spec["metric"],
+            "loss": "bce" if name == "chexpert" else "ce", "img_size": int(img_size),
+            "resize": resize_size(img_size), "root": None, "cache_dir": None, "split_file": None,
+            "cache_file": None}
+    if name in ("synthetic", "shapes"):
+        parts, mean, std = _build_generated(name, img_size, seed)
+    else:
+        root = _check_root(name, root)
+        mean, std = spec["mean"], spec["std"]
+        tfms = build_transforms(img_size, mean, std)
+        info["root"] = str(root)
+        if name == "camelyon":
+            parts = _build_camelyon(root, img_size, tfms)
+        else:
+            table = _READERS[name](root)
+            cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            splits, split_file = _load_or_make_split(name, table, seed, cache_dir)
+            info.update(cache_dir=str(cache_dir), split_file=split_file and str(split_file))
+            pos = {i: k for k, i in enumerate(table.ids)}
+            r = resize_size(img_size)
+            if cache:
+                npy = ensure_cache(name, table, r, cache_dir, workers)
+                info["cache_file"] = str(npy)
+            else:
+                _file_entries(name, table)                   # fail early on a missing image
+            parts = {}
+            mode = "L" if spec["grey"] else "RGB"
+            for s, ids in splits.items():
+                rows = [pos[i] for i in ids]
+                src = (_MemmapSource(npy, rows) if cache
+                       else _FileSource([table.resolve(i) for i in ids], mode, r))
+                parts[s] = ImageDataset(src, table.labels[rows], ids, *tfms, name, s)
+    info.update(mean=tuple(mean), std=tuple(std), sizes={s: len(d) for s, d in parts.items()})
+    return parts["train"], parts["val"], parts["test"], info

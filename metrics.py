@@ -1,0 +1,488 @@
+"""Analysis and task metrics: linear CKA, weighted k-NN, l2 weight distance,
+mean attention distance, and the datasets' scores (kappa, AUC, recall).
+
+Imports only torch, numpy and the standard library so the file works copied alone.
+Formulas follow Kornblith et al. (2019), Song et al. (2012) for the unbiased HSIC,
+Nguyen, Raghu & Kornblith (2021) for minibatch CKA and Wu et al. (2018) for the k-NN.
+"""
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- CKA
+
+
+def _fp32_matmul_is_exact(device):
+    """False when the caller let float32 matmuls run in TF32/bf16 (~3 digits lost)."""
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:  # raised once the per-backend fp32_precision API was used
+        backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+        return getattr(backend, "fp32_precision", "ieee") == "ieee"
+
+
+def _gram_dtype(x, dtype):
+    """float64 for float64 input, else float32 -- never fp16/bf16 (entries overflow or
+    lose ~2 digits); float64 also when float32 matmuls were allowed to use TF32/bf16."""
+    if dtype is not None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"centered_gram: dtype must be torch.float32 or torch.float64, got {dtype}")
+        return dtype
+    if x.dtype == torch.float64 or not _fp32_matmul_is_exact(x.device):
+        return torch.float64
+    return torch.float32
+
+
+def centered_gram(x, debiased=True, dtype=None):
+    """Centred linear Gram matrix of a batch of activations, as float64 (n, n).
+
+    x: (n, ...) activations, flattened per sample to X (n, d). X is mean-centred over the
+    batch, K = X X^T is formed in float32 (float64 for float64 input or when float32 matmuls
+    may use TF32/bf16; `dtype` overrides; never fp16/bf16), then
+      debiased=True:  U-centring (Song et al. 2012), zero diagonal; with row sums r_i of K
+                      (diagonal zeroed) and total S = sum_i r_i, for i != j
+                      K~_ij = K_ij - r_i/(n-2) - r_j/(n-2) + S/((n-1)(n-2)),  K~_ii = 0
+                      so that HSIC_1(K, L) = <K~, L~> / (n(n-3))  (needs n >= 4).
+      debiased=False: H K H with H = I - 11^T/n, so HSIC(K, L) = <HKH, HLH> / (n-1)^2.
+    Centring the features first changes neither estimator but avoids cancellation in the
+    float32 Gram (CKA then agrees with all-float64 to ~1e-8; uncentred float32 Grams are
+    off by ~1e-6); subtracting x[0] first makes a constant layer's Gram exactly zero, so
+    its CKA is NaN rather than rounding noise.
+    """
+    n = x.shape[0]
+    if debiased and n < 4:
+        raise ValueError(f"centered_gram: debiased HSIC needs n >= 4 samples, got {n}")
+    x = x.reshape(n, -1).to(_gram_dtype(x, dtype))
+    x = x - x[:1]  # our own copy from here on
+    x -= x.new_full((1, n), 1.0 / n) @ x  # column means; a product is ~20x faster than mean(0) on CPU
+    k = (x @ x.T).double()
+    if debiased:
+        k.fill_diagonal_(0)
+        r = k.sum(1)
+        k = k - (r[:, None] + r[None, :]) / (n - 2) + r.sum() / ((n - 1) * (n - 2))
+        k.fill_diagonal_(0)
+    else:
+        k = k - k.mean(0, keepdim=True)
+        k = k - k.mean(1, keepdim=True)
+    return k
+
+
+def _feature_cka(x, y):
+    """Biased linear CKA of column-centred X, Y: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)."""
+    return (y.T @ x).pow(2).sum() / ((x.T @ x).norm() * (y.T @ y).norm())
+
+
+def _gram_cka(k, l):
+    """CKA from centred Grams: <K, L>_F / (||K||_F ||L||_F) (HSIC normalisation cancels)."""
+    return (k * l).sum() / (k.norm() * l.norm())
+
+
+def cka(x, y, debiased=False):
+    """One-shot linear CKA between two activation tensors x (n, ...) and y (n, ...), in float64.
+
+    Biased:   CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on column-centred X, Y, which
+              equals the Gram form <HKH, HLH> / (||HKH|| ||HLH||); the cheaper form is used
+              (features when d_x + d_y < n, Grams otherwise).
+    Debiased: CKA = HSIC_1(K, L) / sqrt(HSIC_1(K, K) HSIC_1(L, L)) with U-centred Grams.
+    A constant layer gives 0/0 = NaN (no epsilon: it would break scale invariance).
+    Returns a Python float.
+    """
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"cka: x and y need the same number of samples, got {n} and {y.shape[0]}")
+    if n < (4 if debiased else 2):
+        raise ValueError(f"cka: needs n >= {4 if debiased else 2} samples (debiased={debiased}), got {n}")
+    x = x.reshape(n, -1).double()
+    y = y.reshape(n, -1).double()
+    if debiased:
+        return float(_gram_cka(centered_gram(x, True), centered_gram(y, True)))
+    if x.shape[1] + y.shape[1] < n:
+        x = x - x.mean(0)
+        y = y - y.mean(0)
+        return float(_feature_cka(x, y))
+    return float(_gram_cka(centered_gram(x, False), centered_gram(y, False)))
+
+
+def _stack_grams(grams, num_layers, side):
+    """List of L (n, n) Grams or an (L, n, n) tensor -> (L, n^2) float64 matrix G."""
+    g = torch.stack(list(grams)) if isinstance(grams, (list, tuple)) else grams
+    if g.dim() != 3 or g.shape[1] != g.shape[2] or g.shape[0] != num_layers:
+        raise ValueError(f"CKAAccumulator.update: grams_{side} must be {num_layers} square (n, n) "
+                         f"matrices, got shape {tuple(g.shape)}")
+    return g.reshape(num_layers, -1).double()
+
+
+class CKAAccumulator:
+    """All-pairs linear CKA between L_a layers of model A and L_b layers of model B, streamed
+    over batches (feed both models the same batches in the same order).
+
+    Per batch b, each layer's centred Gram is flattened to a row of G (L, n^2); then
+      cross_b = G_a G_b^T / c,   self_b = rowwise ||G||^2 / c,
+    with c = n(n-3) (debiased, HSIC_1 of U-centred Grams) or (n-1)^2 (biased HSIC of HKH).
+    mode="minibatch" (Nguyen, Raghu & Kornblith 2021):
+      CKA = sum_b cross_b / sqrt(sum_b self_a,b  x  sum_b self_b,b)
+    mode="mean" (the original code): CKA = mean_b [cross_b / sqrt(self_a,b x self_b,b)].
+    Both are accumulated in float64 on the Grams' device; `compute()` returns the chosen one.
+    Batches with n < 4 (debiased) or n < 2 are skipped with a warning. A layer that is
+    constant (self term 0) gives NaN; in "mean" mode one constant batch makes it NaN.
+    """
+
+    def __init__(self, num_layers_a, num_layers_b=None, debiased=True, mode="minibatch"):
+        if mode not in ("minibatch", "mean"):
+            raise ValueError(f"CKAAccumulator: mode must be 'minibatch' or 'mean', got {mode!r}")
+        self.num_layers_a = int(num_layers_a)
+        self.num_layers_b = int(num_layers_a if num_layers_b is None else num_layers_b)
+        self.debiased, self.mode = bool(debiased), mode
+        self.min_n = 4 if debiased else 2
+        la, lb = self.num_layers_a, self.num_layers_b
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)
+        self.cross, self.self_a, self.self_b, self.cka_sum = z(la, lb), z(la), z(lb), z(la, lb)
+        self.n_batches, self.n_samples = 0, 0
+
+    def _skip(self, n):
+        if n >= self.min_n:
+            return False
+        warnings.warn(f"CKAAccumulator: skipped a batch of {n} samples "
+                      f"({'debiased' if self.debiased else 'biased'} HSIC needs n >= {self.min_n})")
+        return True
+
+    def update(self, grams_a, grams_b=None):
+        """Add one batch given its centred Grams (from `centered_gram` with the same
+        `debiased`): lists of L_a and L_b (n, n) tensors, or (L, n, n) tensors.
+        grams_b=None means "same as grams_a" (within-model L x L)."""
+        ga = _stack_grams(grams_a, self.num_layers_a, "a")
+        n = math.isqrt(ga.shape[1])
+        if grams_b is None:
+            if self.num_layers_b != self.num_layers_a:
+                raise ValueError("CKAAccumulator.update: grams_b=None needs num_layers_b == num_layers_a")
+            gb = ga
+        else:
+            gb = _stack_grams(grams_b, self.num_layers_b, "b")
+            if gb.shape[1] != ga.shape[1]:
+                raise ValueError(f"CKAAccumulator.update: grams_a are {n}x{n} but grams_b are "
+                                 f"{math.isqrt(gb.shape[1])}x{math.isqrt(gb.shape[1])} (same batch expected)")
+        if self._skip(n):
+            return
+        if self.debiased and ga.reshape(-1, n, n).diagonal(dim1=1, dim2=2).abs().max() != 0:
+            raise ValueError("CKAAccumulator.update: debiased=True expects U-centred Grams "
+                             "(zero diagonal) from centered_gram(x, debiased=True)")
+        c = n * (n - 3) if self.debiased else (n - 1) ** 2
+        cross = ga @ gb.T / c
+        sa = ga.pow(2).sum(1) / c
+        sb = sa if grams_b is None else gb.pow(2).sum(1) / c
+        if self.cross.device != cross.device:  # first batch decides the device
+            self._to(cross.device)
+        self.cross += cross
+        self.self_a += sa
+        self.self_b += sb
+        self.cka_sum += cross / (sa[:, None] * sb[None, :]).sqrt()
+        self.n_batches += 1
+        self.n_samples += n
+
+    def update_activations(self, acts_a, acts_b=None):
+        """Convenience: form each layer's Gram with `centered_gram` and call `update`.
+        acts_*: lists of (n, ...) activations of one batch. Each Gram is formed once, even
+        when acts_b is None (within-model)."""
+        n = acts_a[0].shape[0]
+        if self._skip(n):
+            return
+        grams_a = [centered_gram(a, self.debiased) for a in acts_a]
+        grams_b = None if acts_b is None else [centered_gram(b, self.debiased) for b in acts_b]
+        self.update(grams_a, grams_b)
+
+    def compute(self):
+        """(L_a, L_b) float64 numpy array of CKA values (NaN where a layer is constant)."""
+        if self.n_batches == 0:
+            raise ValueError("CKAAccumulator.compute: no batch was accumulated (all skipped or none given)")
+        if self.mode == "mean":
+            return (self.cka_sum / self.n_batches).cpu().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cross, sa, sb = (t.cpu().numpy() for t in (self.cross, self.self_a, self.self_b))
+            return cross / np.sqrt(np.outer(sa, sb))
+
+    def _to(self, device):
+        for k in ("cross", "self_a", "self_b", "cka_sum"):
+            setattr(self, k, getattr(self, k).to(device))
+
+    def state_dict(self):
+        """Sums so far (CPU tensors) plus the settings; `merge` adds such states, e.g. one per
+        DDP rank gathered with torch.distributed.all_gather_object."""
+        sums = {k: getattr(self, k).cpu() for k in ("cross", "self_a", "self_b", "cka_sum")}
+        return dict(sums, n_batches=self.n_batches, n_samples=self.n_samples, debiased=self.debiased,
+                    num_layers_a=self.num_layers_a, num_layers_b=self.num_layers_b)
+
+    def merge(self, other):
+        """Add another accumulator's (or its state_dict's) sums to this one. Returns self."""
+        s = other.state_dict() if isinstance(other, CKAAccumulator) else other
+        if (s["debiased"], s["num_layers_a"], s["num_layers_b"]) != (
+                self.debiased, self.num_layers_a, self.num_layers_b):
+            raise ValueError("CKAAccumulator.merge: accumulators differ in debiased or layer counts")
+        for k in ("cross", "self_a", "self_b", "cka_sum"):
+            getattr(self, k).add_(s[k].to(getattr(self, k).device))
+        self.n_batches += s["n_batches"]
+        self.n_samples += s["n_samples"]
+        return self
+
+
+# ----------------------------------------------------------------------------- k-NN
+
+
+def _topk_over_bank(q, bank, k, bank_chunk_size):
+    """Top-k cosine similarities of unit queries q against the unit bank, merging running
+    top-k over bank chunks of `bank_chunk_size` rows (None: whole bank in one product)."""
+    step = bank.shape[0] if bank_chunk_size is None else bank_chunk_size
+    best_s = best_i = None
+    for start in range(0, bank.shape[0], step):
+        chunk = bank[start:start + step]
+        s, i = (q @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)
+        i = i + start
+        if best_s is not None:
+            s = torch.cat([best_s, s], 1)
+            s, j = s.topk(min(k, s.shape[1]), dim=1)
+            i = torch.cat([best_i, i], 1).gather(1, j)
+        best_s, best_i = s, i
+    return best_s, best_i
+
+
+def knn_predict(bank, bank_labels, queries, k=200, t=0.1, num_classes=None, chunk_size=1024,
+                bank_chunk_size=None):
+    """Weighted cosine k-NN class scores (Wu et al. 2018), (n_queries, C) float32 tensor.
+
+    Bank and queries are L2-normalised (float32); for query q the k nearest bank items j
+    (cosine s_j = q.x_j, k clipped to the bank size) vote with w_j = exp(s_j / t):
+      single label (bank_labels (N,) int):    score_c = sum_{j: y_j = c} w_j / sum_j w_j
+      multi-label (bank_labels (N, C) float): score = sum_j w_j y_j / sum_j w_j
+    The weights are computed as exp((s_j - s_max) / t): the common factor exp(s_max/t)
+    cancels in the normalisation and small t cannot overflow. Queries are processed in
+    chunks of `chunk_size`; with `bank_chunk_size` the bank is also chunked, merging a
+    running top-k, so the similarity block is chunk_size x (k + bank_chunk_size) instead
+    of chunk_size x N (plus one normalised float32 copy of the bank). Computed and
+    returned on bank's device. Ties at the k-th similarity are broken arbitrarily.
+    """
+    if k < 1 or t <= 0:
+        raise ValueError(f"knn_predict: need k >= 1 and t > 0, got k={k}, t={t}")
+    bank_labels = torch.as_tensor(bank_labels)  # datasets hand out numpy label arrays
+    if bank.shape[0] != bank_labels.shape[0] or bank.shape[1] != queries.shape[1]:
+        raise ValueError(f"knn_predict: bank {tuple(bank.shape)}, bank_labels {tuple(bank_labels.shape)} "
+                         f"and queries {tuple(queries.shape)} do not match")
+    device = bank.device
+    multilabel = bank_labels.dim() == 2
+    labels = bank_labels.to(device)
+    labels = labels.float() if multilabel else labels.long()
+    if num_classes is None:
+        num_classes = labels.shape[1] if multilabel else int(labels.max()) + 1
+    k = min(k, bank.shape[0])
+    bank = F.normalize(bank.float(), dim=1)
+    out = []
+    for q in queries.split(chunk_size):
+        q = F.normalize(q.to(device).float(), dim=1)
+        s, idx = _topk_over_bank(q, bank, k, bank_chunk_size)
+        w = ((s - s[:, :1]) / t).exp()  # s sorted descending: column 0 is the max
+        if multilabel:
+            scores = torch.einsum("bk,bkc->bc", w, labels[idx])
+        else:
+            scores = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, labels[idx], w)
+        out.append(scores / w.sum(1, keepdim=True))
+    return torch.cat(out) if out else torch.zeros(0, num_classes, device=device)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def norm_param_names(model):
+    """State-dict names of the parameters of normalisation layers (LayerNorm, GroupNorm,
+    BatchNorm*) in `model`, for `l2_distance(..., norm_keys=...)`."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    return {f"{m}.{p}" if m else p for m, mod in model.named_modules() if isinstance(mod, norms)
+            for p, _ in mod.named_parameters(recurse=False)}
+
+
+def l2_distance(state_a, state_b, layers, norm_keys=()):
+    """Per analysis layer, ||W_a - W_b||_2 / (number of weights), as {layer: float}.
+
+    A layer (module name) owns the state-dict entries named `layer` or `layer.*`; of those
+    it uses the floating-point tensors that are not in `norm_keys` (normalisation
+    parameters; compute them with `norm_param_names(model)`) and not BatchNorm running
+    statistics. The value is ||concat(W_a - W_b over those tensors)||_2 / total element
+    count, in float64.
+    """
+    out = {}
+    for layer in layers:
+        keys = [k for k in state_a if (k == layer or k.startswith(layer + "."))
+                and k not in norm_keys and torch.is_floating_point(state_a[k])
+                and not k.endswith(("running_mean", "running_var"))]
+        if not keys:
+            raise ValueError(f"l2_distance: layer {layer!r} has no weight tensors in the state dict")
+        sq, count = 0.0, 0
+        for k in keys:
+            if k not in state_b or state_b[k].shape != state_a[k].shape:
+                raise ValueError(f"l2_distance: {k!r} is missing from state_b or has another shape")
+            sq += (state_a[k].double() - state_b[k].double().to(state_a[k].device)).pow(2).sum().item()
+            count += state_a[k].numel()
+        out[layer] = math.sqrt(sq) / count
+    return out
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _patch_distances(grid, patch_size, device):
+    """(P, P) pixel distances between patch centres of an (h, w) grid: ||p_q - p_k|| x patch_size."""
+    h, w = grid
+    ij = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    d = (ij[:, None, :] - ij[None, :, :]).double().pow(2).sum(-1).sqrt() * patch_size
+    return d.to(device)
+
+
+def attention_distance_sum(attn, grid, patch_size, num_prefix_tokens=1, renormalize=False):
+    """Per head, sum over images of the mean attention distance, (heads,) float64 tensor.
+
+    attn: (B, heads, N, N) attention probabilities, N = num_prefix_tokens + h*w. For patch
+    query q: d_q = sum_{k in patches} A_qk ||p_q - p_k|| (pixels); the image's value is the
+    mean of d_q over patch queries. Prefix (CLS) queries and keys are dropped; with
+    renormalize=True d_q is divided by the patch-key mass sum_{k in patches} A_qk, i.e. the
+    CLS share is renormalised away instead of simply dropped (the common public code drops
+    it). Sum over images lets a caller average over a test set (divide by its size).
+    """
+    p = num_prefix_tokens
+    h, w = grid
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] != p + h * w:
+        raise ValueError(f"attention_distance_sum: attn must be (B, heads, N, N) with N = "
+                         f"{p} + {h}*{w}, got {tuple(attn.shape)}")
+    a = attn[:, :, p:, p:].float()  # float32 product, float64 reductions over queries/images
+    d_q = (a * _patch_distances(grid, patch_size, attn.device).float()).sum(-1).double()
+    if renormalize:
+        d_q = d_q / a.sum(-1).double()
+    return d_q.mean(-1).sum(0)
+
+
+def mean_attention_distance(attn, grid, patch_size, num_prefix_tokens=1, renormalize=False):
+    """Mean attention distance per head over queries and images, (heads,) float64 tensor;
+    see `attention_distance_sum` for the definition."""
+    return attention_distance_sum(attn, grid, patch_size, num_prefix_tokens, renormalize) / attn.shape[0]
+
+
+# ----------------------------------------------------------------------------- task metrics
+
+
+def _np(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _classes(labels, preds, num_classes, fn):
+    """Sorted class list (union of observed values, or range(C)) and both arrays as indices."""
+    labels, preds = _np(labels).ravel(), _np(preds).ravel()
+    if labels.shape != preds.shape:
+        raise ValueError(f"{fn}: labels and preds differ in length ({labels.size} vs {preds.size})")
+    if num_classes is None:
+        classes = np.union1d(labels, preds)
+    else:
+        classes = np.arange(num_classes)
+        if np.setdiff1d(np.union1d(labels, preds), classes).size:
+            raise ValueError(f"{fn}: labels/preds outside range({num_classes})")
+    return classes.size, np.searchsorted(classes, labels), np.searchsorted(classes, preds)
+
+
+def _confusion(yi, pi, c):
+    return np.bincount(yi * c + pi, minlength=c * c).reshape(c, c).astype(np.float64)
+
+
+def quadratic_kappa(labels, preds, num_classes=None):
+    """Quadratic weighted Cohen kappa: 1 - sum(W O) / sum(W E), with O the confusion matrix,
+    E = outer(row sums, column sums) / n and W_ij = (i - j)^2 over class indices. Classes:
+    range(num_classes), or (None) the sorted union of observed values, as sklearn's
+    cohen_kappa_score(weights='quadratic'[, labels=range(C)]). NaN when undefined (sum(W E) = 0)."""
+    c, yi, pi = _classes(labels, preds, num_classes, "quadratic_kappa")
+    o = _confusion(yi, pi, c)
+    e = np.outer(o.sum(1), o.sum(0)) / max(o.sum(), 1)
+    w = (np.arange(c)[:, None] - np.arange(c)[None, :]) ** 2
+    den = (w * e).sum()
+    return float(1 - (w * o).sum() / den) if den > 0 else float("nan")
+
+
+def macro_recall(labels, preds, num_classes=None):
+    """Macro-averaged recall: mean over classes c of TP_c / #(labels == c), over range(C) or
+    (None) the union of labels and preds; a class absent from labels has recall 0, as in
+    sklearn's recall_score(average='macro'[, labels=range(C)], zero_division=0)."""
+    c, yi, pi = _classes(labels, preds, num_classes, "macro_recall")
+    o = _confusion(yi, pi, c)
+    support = o.sum(1)
+    return float(np.mean(np.where(support > 0, np.diag(o) / np.maximum(support, 1), 0.0)))
+
+
+def _average_ranks(x):
+    """1-based ranks of x, ties given their average rank (scipy's rankdata 'average')."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    first = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    counts = np.diff(np.r_[first, x.size])
+    ranks = np.empty(x.size)
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return ranks
+
+
+def roc_auc(labels, scores):
+    """Binary ROC AUC by the Mann-Whitney statistic, ties counting 1/2 (average ranks):
+    AUC = (sum of positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg).
+    The larger of the two label values is positive; NaN if labels hold a single value."""
+    y, s = _np(labels).ravel(), _np(scores).ravel().astype(np.float64)
+    if y.shape != s.shape:
+        raise ValueError(f"roc_auc: labels and scores differ in length ({y.size} vs {s.size})")
+    if np.isnan(s).any():
+        raise ValueError("roc_auc: scores contain NaN")
+    values = np.unique(y)
+    if values.size > 2:
+        raise ValueError(f"roc_auc: labels must be binary, got values {values[:5].tolist()}...")
+    if values.size < 2:
+        return float("nan")
+    pos = y == values[1]
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((_average_ranks(s)[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def mean_auc(labels, scores, return_per_class=False):
+    """Mean over classes of the per-column ROC AUC for multi-label (n, C) labels and scores.
+    Classes whose labels hold a single value have no AUC: they are NaN in the per-class
+    array and left out of the mean (NaN if no class remains).
+    Returns the mean, or (mean, per-class float64 array) with return_per_class=True."""
+    y, s = _np(labels), _np(scores)
+    if y.ndim != 2 or y.shape != s.shape:
+        raise ValueError(f"mean_auc: labels and scores must both be (n, C), got {y.shape} and {s.shape}")
+    per_class = np.array([roc_auc(y[:, c], s[:, c]) for c in range(y.shape[1])])
+    valid = per_class[~np.isnan(per_class)]
+    mean = float(valid.mean()) if valid.size else float("nan")
+    return (mean, per_class) if return_per_class else mean
+
+
+TASK_METRICS = ["quadratic_kappa", "roc_auc", "mean_auc", "macro_recall", "accuracy"]
+
+
+def task_metric(name, scores, labels):
+    """Dataset score from (n, C) class scores (logits, probabilities or k-NN scores) and labels.
+      accuracy, macro_recall: on argmax; macro_recall over the union of observed classes
+                              (like the original code's recall_score(average='macro')).
+      quadratic_kappa:        on argmax, over all C classes (labels=range(C), as the original).
+      roc_auc:                binary; C = 2 scores by s1 - s0 (monotone in softmax[:, 1]),
+                              C = 1 by the single column (monotone in its sigmoid).
+      mean_auc:               multi-label (n, C) labels, per-column scores.
+    """
+    s, y = _np(scores).astype(np.float64), _np(labels)
+    if s.ndim != 2 or len(s) != len(y):
+        raise ValueError(f"task_metric: scores must be (n, C) matching {len(y)} labels, got {s.shape}")
+    if name == "accuracy":
+        return float(np.mean(s.argmax(1) == y.ravel()))
+    if name == "macro_recall":
+        return macro_recall(y, s.argmax(1))
+    if name == "quadratic_kappa":
+        return quadratic_kappa(y, s.argmax(1), num_classes=s.shape[1])
+    if name == "roc_auc":
+        if s.shape[1] > 2:
+            raise ValueError(f"task_metric: roc_auc needs 1 or 2 score columns, got {s.shape[1]}")
+        return roc_auc(y, s[:, 1] - s[:, 0] if s.shape[1] == 2 else s[:, 0])
+    if name == "mean_auc":
+        return mean_auc(y, s)
+    raise ValueError(f"task_metric: unknown metric {name!r}; expected one of {TASK_METRICS}")

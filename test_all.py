@@ -1,0 +1,2132 @@
+"""The toolkit's tests, one section per file: models, init, data, metrics, train, analyze, plots.
+Run: python -m pytest test_all.py -q (2 CPU cores, no GPU, no network)."""
+from pathlib import Path
+import copy
+import csv
+import functools
+import importlib
+import itertools
+import json
+import math
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import warnings
+
+from PIL import Image
+from torchvision import transforms as T
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import analyze
+import data
+import init
+import metrics
+import models
+import train
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+HERE = ROOT
+
+
+# ========================================================================================
+# models
+# ========================================================================================
+torchvision = pytest.importorskip("torchvision")
+
+# published parameter counts with a 1000-class head (models.md); inception without aux head
+_MODELS_PARAMS = {"deit_t": 5_717_416, "deit_s": 22_050_664, "deit_b": 86_567_656,
+                  "swin_t": 28_288_354, "resnet18": 11_689_512, "resnet50": 25_557_032,
+                  "resnet152": 60_192_808, "inception_v3": 23_834_568}
+# smallest sensible test input per model (DeiT-S/B/5b are built with img_size=64: a 4x4 grid)
+_MODELS_INPUT = {"deit_t": 224, "deit_s": 64, "deit_b": 64, "deit_s_5b": 64, "swin_t": 100,
+                 "resnet18": 64, "resnet50": 64, "resnet152": 64, "inception_v3": 80}
+_MODELS_N_GROUPS = {"deit_t": 14, "deit_s": 14, "deit_b": 14, "deit_s_5b": 7, "swin_t": 14,
+                    "resnet18": 6, "resnet50": 6, "resnet152": 6, "inception_v3": 7}
+_MODELS_N_LAYERS = {"deit_t": 25, "deit_s": 25, "deit_b": 25, "deit_s_5b": 11, "swin_t": 25,
+                    "resnet18": 9, "resnet50": 17, "resnet152": 51, "inception_v3": 16}
+_MODELS_TIMM = {"deit_t": "deit_tiny_patch16_224", "deit_s": "deit_small_patch16_224",
+                "deit_b": "deit_base_patch16_224", "deit_s_5b": "deit_small_patch16_224"}
+
+
+def _models_reference(name, img_size=224):
+    """The torchvision / timm model of the same architecture, random weights, eval mode.
+    timm attention runs its non-fused path (explicit softmax)."""
+    torch.manual_seed(0)
+    if name in _MODELS_TIMM:
+        timm = pytest.importorskip("timm")
+        ref = timm.create_model(_MODELS_TIMM[name], pretrained=False, img_size=img_size)
+        if name == "deit_s_5b":
+            ref.blocks = ref.blocks[:5]
+        for blk in ref.blocks:
+            blk.attn.fused_attn = False
+        return ref.eval()
+    if name == "inception_v3":
+        return torchvision.models.inception_v3(weights=None, aux_logits=False,
+                                               init_weights=False).eval()
+    if name == "swin_t":  # used by many tests and slow to initialise: build once, copy
+        return copy.deepcopy(_models_torchvision_swin())
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _models_torchvision_swin():
+    torch.manual_seed(0)
+    return torchvision.models.swin_t(weights=None).eval()
+
+
+def _models_pair(name, img_size=224):
+    """(ours, reference) holding the same weights; ours is built on the meta device (no init
+    cost) and takes the reference tensors with strict=True and zero renaming."""
+    ref = _models_reference(name, img_size)
+    with torch.device("meta"):
+        ours = models.create_model(name, img_size=img_size)
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return ours.eval(), ref
+
+
+def _models_param_count(name):
+    with torch.device("meta"):
+        return sum(p.numel() for p in models.create_model(name).parameters())
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_models_match_reference(name):
+    if name in _MODELS_PARAMS:
+        assert _models_param_count(name) == _MODELS_PARAMS[name]
+    s = _MODELS_INPUT[name]
+    ours, ref = _models_pair(name, img_size=s if name.startswith("deit") else 224)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(x) - ref(x)).abs().max().item()
+    assert diff <= 1e-5, f"{name}: max |ours - reference| = {diff}"
+
+
+def test_models_swin_shifted_windows_and_gradients():
+    """112 px: shifted windows over 4x4 and 2x2 window grids, then a backward pass."""
+    ours, ref = _models_pair("swin_t")
+    x = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    a, b = ours(x), ref(x)
+    assert (a - b).abs().max().item() <= 1e-5
+    a.square().sum().backward()
+    b.square().sum().backward()
+    refp = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        g = refp[n].grad
+        assert (p.grad - g).norm() <= 1e-4 * g.norm() + 1e-7, n
+
+
+def test_models_swin_stochastic_depth_matches_torchvision():
+    ours, ref = _models_pair("swin_t")
+    ours.train(), ref.train()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)
+    a = ours(x)
+    torch.manual_seed(7)
+    b = ref(x)
+    assert (a - b).abs().max().item() <= 1e-5
+    with torch.no_grad():  # branches were really dropped in training mode
+        assert (a - ours.eval()(x)).abs().max().item() > 1e-3
+
+
+def test_models_deit_gradients_match_timm():
+    ours, ref = _models_pair("deit_t", img_size=64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    ours(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    refp = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        g = refp[n].grad  # fused vs explicit attention: equal up to float rounding
+        assert (p.grad - g).norm() <= 1e-4 * g.norm() + 1e-7, n
+
+
+def test_models_unknown_name_and_bad_args():
+    with pytest.raises(ValueError, match="deit_t.*inception_v3"):
+        models.create_model("vit_huge")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        models.create_model("deit_t", img_size=100)
+    with pytest.raises(ValueError, match="num_classes"):
+        models.create_model("resnet18", num_classes=0)
+    m = models.create_model("deit_t", img_size=96)
+    with pytest.raises(ValueError, match="expected \\(96, 96\\)"):
+        m(torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_models_metadata_groups_and_layers(name):
+    size = _MODELS_INPUT[name] if name.startswith("deit") else 224
+    m = models.create_model(name, num_classes=7, img_size=size).eval()
+    assert m.model_name == name and m.num_classes == 7 and m.img_size == size
+    head = m.get_submodule(m.head_name)
+    assert isinstance(head, nn.Linear) and head.out_features == 7
+
+    # groups: every backbone parameter and buffer in exactly one group, the head in none
+    groups = m.wtst_groups()
+    assert len(groups) == _MODELS_N_GROUPS[name]
+    assert len({label for label, _ in groups}) == len(groups)
+    modules = dict(m.named_modules())
+    params = dict(m.named_parameters())
+    for _, names in groups:
+        for n in names:
+            assert n in modules or n in params, n
+    for key in m.state_dict():
+        owners = [label for label, names in groups
+                  if any(key == n or key.startswith(n + ".") for n in names)]
+        expected = 0 if key.startswith(m.head_name + ".") else 1
+        assert len(owners) == expected, (key, owners)
+
+    # analysis layers: real modules, documented output layouts, outputs never mutated later
+    layers = m.feature_layers()
+    assert len(layers) == _MODELS_N_LAYERS[name] and len(set(layers)) == len(layers)
+    seen = {}
+    hooks = [modules[n].register_forward_hook(
+        lambda mod, inp, out, n=n: seen.__setitem__(n, (out, out.clone()))) for n in layers]
+    s = 96 if name.startswith("swin") else _MODELS_INPUT[name]
+    with torch.no_grad():
+        m(torch.randn(2, 3, s, s))
+    for h in hooks:
+        h.remove()
+    assert list(seen) == layers  # hooks fire in forward order
+    for n, (out, copy) in seen.items():
+        assert torch.equal(out, copy), f"{n} output was modified in place after its hook"
+        assert out.ndim == (3 if name.startswith("deit") and n != "patch_embed.proj" else 4), n
+    if name.startswith("deit"):
+        d, g = m.pos_embed.shape[-1], size // 16
+        assert seen["patch_embed.proj"][0].shape == (2, d, g, g)
+        assert layers[1:3] == ["blocks.0.attn", "blocks.0.mlp"]
+        assert all(seen[n][0].shape == (2, 1 + g * g, d) for n in layers[1:])
+        assert (m.patch_size, m.grid_size, m.num_prefix_tokens) == (16, (g, g), 1)
+    elif name == "swin_t":
+        assert layers[:3] == ["features.0", "features.1.0.attn", "features.1.0.mlp"]
+        assert seen["features.0"][0].shape == (2, 24, 24, 96)
+        assert seen["features.7.1.mlp"][0].shape == (2, 3, 3, 768)
+        assert [lab for lab, _ in groups][:4] == ["patchifier", "stage1.block1", "stage1.block2",
+                                                 "stage2.block1"]
+        assert groups[3][1] == ["features.2", "features.3.0"]
+    elif name.startswith("resnet"):
+        assert layers[:2] == ["conv1", "layer1.0"]
+        assert [lab for lab, _ in groups] == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    else:
+        assert layers[5] == "Mixed_5b" and layers[-1] == "Mixed_7c"
+        assert groups[1] == ("Conv2d_2", ["Conv2d_2a_3x3", "Conv2d_2b_3x3"])
+
+
+@pytest.mark.parametrize("name", ["deit_t", "swin_t"])
+def test_models_attention_recording(name):
+    m = models.create_model(name).eval()
+    s = 224 if name == "deit_t" else 64
+    x = torch.randn(2, 3, s, s)
+    with torch.no_grad():
+        fused = m(x)
+        m.record_attention(True)
+        rec = m(x)
+    probs = m.attention_probs()
+    assert len(probs) == 12 and all(p is not None and p.dtype == torch.float32 for p in probs)
+    for p in probs:
+        assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5) and not p.requires_grad
+    if name == "deit_t":
+        assert probs[0].shape == (2, 3, 197, 197)
+    else:
+        assert probs[0].shape == (2 * 9, 3, 49, 49)  # 16x16 map padded to 21x21: 9 windows
+    assert (fused - rec).abs().max().item() <= 1e-5
+    m.record_attention(False)
+    assert all(p is None for p in m.attention_probs())
+
+
+def test_models_deit_record_matches_timm_exactly():
+    ours, ref = _models_pair("deit_s", img_size=64)
+    ours.record_attention(True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() <= 1e-6
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+class _ModelsPayload:
+    """Any custom class instance makes a pickle carry code that weights_only refuses."""
+
+
+@pytest.mark.parametrize("wrap", ["flat", "model", "state_dict"])
+def test_models_checkpoint_wrappings(tmp_path, wrap):
+    src = models.create_model("resnet18")
+    sd = src.state_dict()
+    obj = {"flat": sd, "model": {"model": sd, "epoch": 3}, "state_dict": {"state_dict": sd}}[wrap]
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    dst = models.create_model("resnet18")
+    rep = models.load_pretrained(dst, str(path))
+    assert rep["skipped"] == [] and rep["source"] == str(path)
+    assert sorted(rep["loaded"]) == sorted(sd)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_models_checkpoint_inception_aux_and_swin_index(tmp_path):
+    ref = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    torch.save(ref.state_dict(), tmp_path / "inc.pth")
+    m = models.create_model("inception_v3")
+    rep = models.load_pretrained(m, str(tmp_path / "inc.pth"))
+    assert rep["skipped"] and all(k.startswith("AuxLogits.") for k in rep["skipped"])
+    assert torch.equal(m.fc.weight, ref.fc.weight)
+
+    sd = _models_reference("swin_t").state_dict()
+    assert "features.1.0.attn.relative_position_index" in sd
+    torch.save(sd, tmp_path / "swin.pth")
+    m = models.create_model("swin_t")
+    rep = models.load_pretrained(m, str(tmp_path / "swin.pth"))
+    assert rep["skipped"] == [] and "features.5.3.attn.relative_position_index" in rep["loaded"]
+
+
+def test_models_checkpoint_head_of_other_size_is_skipped(tmp_path):
+    torch.save({"model": models.create_model("deit_t").state_dict()}, tmp_path / "d.pth")
+    m = models.create_model("deit_t", num_classes=5)
+    head = m.head.weight.detach().clone()
+    rep = models.load_pretrained(m, str(tmp_path / "d.pth"))
+    assert sorted(rep["skipped"]) == ["head.bias", "head.weight"]
+    assert torch.equal(m.head.weight, head) and m.head.out_features == 5
+
+
+def test_models_checkpoint_deit_s_5b_skips_blocks(tmp_path):
+    src = models.create_model("deit_s")
+    torch.save({"model": src.state_dict()}, tmp_path / "s.pth")
+    m = models.create_model("deit_s_5b")
+    rep = models.load_pretrained(m, str(tmp_path / "s.pth"))
+    assert {k.split(".")[1] for k in rep["skipped"]} == {str(i) for i in range(5, 12)}
+    assert torch.equal(m.blocks[4].mlp.fc2.weight, src.blocks[4].mlp.fc2.weight)
+    assert torch.equal(m.norm.weight, src.norm.weight)
+
+
+def test_models_checkpoint_errors(tmp_path):
+    m = models.create_model("resnet18")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        models.load_pretrained(m, str(tmp_path / "nope.pth"))
+
+    good = tmp_path / "good.pth"
+    torch.save(m.state_dict(), good)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cut.pth.*truncated"):
+        models.load_pretrained(m, str(cut))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": m.state_dict(), "extra": _ModelsPayload()}, evil)
+    with pytest.raises(ValueError, match="refusing to load .*evil.pth"):
+        models.load_pretrained(m, str(evil))
+
+    sd = m.state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["layer1.0.conv1.weight"]
+    sd["layer2.0.conv1.weight"] = torch.zeros(1, 1, 1, 1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as e:
+        models.load_pretrained(m, str(tmp_path / "bad.pth"))
+    msg = str(e.value)
+    assert "\n" not in msg and "bad.pth" in msg
+    for part in ("missing: layer1.0.conv1.weight", "unexpected: extra.weight",
+                 "shape mismatch: layer2.0.conv1.weight"):
+        assert part in msg
+
+    torch.save(models.create_model("resnet50").state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match="does not fit resnet18"):
+        models.load_pretrained(m, str(tmp_path / "r50.pth"))
+
+
+@pytest.fixture
+def _models_empty_hub(tmp_path, monkeypatch):
+    """Empty torch.hub cache and no network: any download attempt fails at once."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    calls = []
+
+    def no_network(url, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("network disabled in tests")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return calls
+
+
+def test_models_imagenet_offline_error_names_url_and_path(_models_empty_hub):
+    m = models.create_model("resnet18")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", "resnet18-f37072fd.pth")
+    with pytest.raises(FileNotFoundError) as e:
+        models.load_pretrained(m, "imagenet")
+    msg = str(e.value)
+    assert "\n" not in msg and models.PRETRAINED_URLS["resnet18"] in msg and path in msg
+    assert _models_empty_hub == [models.PRETRAINED_URLS["resnet18"]]
+
+
+def test_models_imagenet_file_placed_by_hand(_models_empty_hub):
+    src = models.create_model("deit_t")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", "deit_tiny_patch16_224-a1311bcf.pth")
+    os.makedirs(os.path.dirname(path))
+    torch.save({"model": src.state_dict()}, path)
+    m = models.create_model("deit_t", num_classes=3)
+    rep = models.load_pretrained(m, "imagenet")
+    assert rep["source"] == models.PRETRAINED_URLS["deit_t"] and _models_empty_hub == []
+    assert sorted(rep["skipped"]) == ["head.bias", "head.weight"]
+    assert torch.equal(m.pos_embed, src.pos_embed)
+
+
+# ---------------------------------------------------------------------------- other sizes
+
+@pytest.mark.parametrize("size", [96, 384])
+def test_models_deit_other_img_size(tmp_path, size):
+    timm = pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+    src = models.create_model("deit_t")
+    torch.save({"model": src.state_dict()}, tmp_path / "t.pth")
+    m = models.create_model("deit_t", img_size=size).eval()
+    rep = models.load_pretrained(m, str(tmp_path / "t.pth"))
+    g = size // 16
+    assert "pos_embed" in rep["loaded"] and m.pos_embed.shape == (1, 1 + g * g, 192)
+    assert m.grid_size == (g, g)
+    expected = resample_abs_pos_embed(src.pos_embed.detach(), new_size=(g, g), num_prefix_tokens=1)
+    assert torch.equal(m.pos_embed.detach(), expected)  # antialias=True, like timm
+    assert torch.equal(m.pos_embed[:, :1], src.pos_embed[:, :1])
+    # the same weights in timm at this size give the same logits
+    ref = timm.create_model("deit_tiny_patch16_224", img_size=size).eval()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        out = m(x)
+        assert torch.isfinite(out).all()
+        assert (out - ref(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("size", [96, 384])
+def test_models_swin_other_img_size(size):
+    ours, ref = _models_pair("swin_t", img_size=size)
+    assert ours.img_size == size
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        out = ours(x)
+        assert torch.isfinite(out).all() and out.shape == (1, 1000)
+        if size == 96:
+            assert (out - ref(x)).abs().max().item() <= 1e-5
+
+
+# ========================================================================================
+# init
+# ========================================================================================
+def _init_pretrained(name):
+    """A random 'pretrained' state with distinctive statistics per tensor."""
+    torch.manual_seed(123)
+    src = models.create_model(name, num_classes=1000, img_size=96 if name != "inception_v3" else 299)
+    g = torch.Generator().manual_seed(5)
+    state = {}
+    for k, v in src.state_dict().items():
+        if v.is_floating_point():
+            v = (v * (1 + torch.rand((), generator=g)) + 0.1 * torch.randn((), generator=g)
+                 + 0.01 * torch.randn(v.shape, generator=g))
+        state[k] = v.clone()
+    return state
+
+
+@pytest.fixture(scope="module", params=["deit_s", "swin_t", "resnet50", "inception_v3"])
+def init_case(request):
+    name = request.param
+    size = 299 if name == "inception_v3" else 96
+    return name, size, _init_pretrained(name)
+
+
+def _init_fresh(name, size, num_classes=7):
+    torch.manual_seed(0)
+    return models.create_model(name, num_classes=num_classes, img_size=size)
+
+
+def _init_tol(numel, k=6.0):
+    """Tolerances for sample mean (in units of std) and relative std of numel i.i.d. normals."""
+    return k / math.sqrt(numel), k * math.sqrt(0.5 / max(1, numel - 1)) + 1e-6
+
+
+def test_init_wtst_groups_wt_st(init_case):
+    name, size, pre = init_case
+    N = len(_init_fresh(name, size).wtst_groups())
+    norms = init.norm_entries(_init_fresh(name, size))
+    for n in sorted({0, 1, N // 2, N - 1}):
+        model = _init_fresh(name, size)
+        groups = model.wtst_groups()
+        head_before = {k: v.clone() for k, v in model.state_dict().items() if init.group_index(k, groups) is None}
+        buffers_before = {k: v.clone() for k, v in model.named_buffers()}
+        init.wtst_init(model, pre, n, seed=3)
+        state = model.state_dict()
+        params = dict(model.named_parameters())
+        for k, v in state.items():
+            g = init.group_index(k, groups)
+            if g is None:  # the head is left as created
+                assert torch.equal(v, head_before[k]), k
+            elif g < n:
+                assert torch.equal(v, pre[k]), f"{k} should be WT (n={n})"
+            elif k in norms:
+                leaf = k.rsplit(".", 1)[-1]
+                want = 1.0 if leaf in ("weight", "running_var") else 0.0
+                assert torch.all(v == want), f"{k} should be identity in ST (n={n})"
+            elif k not in params:  # other buffers are never redrawn
+                assert torch.equal(v, buffers_before[k]), k
+            elif v.numel() < 2:
+                assert torch.equal(v, pre[k]), k
+            else:
+                src = pre[k].double()
+                assert not torch.equal(v, pre[k]), f"{k} should be redrawn (n={n})"
+                tol_mean, tol_std = _init_tol(v.numel())
+                s = src.std().item()
+                assert abs(v.double().mean().item() - src.mean().item()) <= tol_mean * s + 1e-7, k
+                assert abs(v.double().std().item() / s - 1) <= tol_std, k
+
+
+def test_init_n_equals_N_is_load_state_dict(init_case):
+    name, size, pre = init_case
+    model = _init_fresh(name, size)
+    N = len(model.wtst_groups())
+    init.wtst_init(model, pre, N, seed=0)
+    ref = _init_fresh(name, size)
+    head = ref.head_name + "."
+    ref.load_state_dict({k: v for k, v in pre.items() if not k.startswith(head) and k in ref.state_dict()},
+                        strict=False)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_init_st_draw_determinism(init_case):
+    name, size, pre = init_case
+    groups = _init_fresh(name, size).wtst_groups()
+    a = init.wtst_init(_init_fresh(name, size), pre, 0, seed=1).state_dict()
+    b = init.wtst_init(_init_fresh(name, size), pre, 0, seed=1).state_dict()
+    c = init.wtst_init(_init_fresh(name, size), pre, 0, seed=2).state_dict()
+    fresh = _init_fresh(name, size)
+    params, norms = dict(fresh.named_parameters()), init.norm_entries(fresh)
+    redrawn = [k for k in params if init.group_index(k, groups) is not None and params[k].numel() > 1
+               and k not in norms]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(not torch.equal(a[k], c[k]) for k in redrawn)
+    # group k's ST draw is the same for n = 0 and n = k - 1 (k = 1-based group index)
+    k = len(groups) // 2 + 1
+    d = init.wtst_init(_init_fresh(name, size), pre, k - 1, seed=1).state_dict()
+    for name_ in redrawn:
+        if init.group_index(name_, groups) >= k - 1:
+            assert torch.equal(a[name_], d[name_]), name_
+
+
+def test_init_bad_n_and_describe():
+    model = models.create_model("resnet18", num_classes=3, img_size=64)
+    pre = model.state_dict()
+    with pytest.raises(ValueError, match=r"0\.\.6.*conv1"):
+        init.wtst_init(model, pre, 7)
+    with pytest.raises(ValueError, match="N=6"):
+        init.wtst_init(model, pre, -1)
+    lines = init.describe_init(model, 2)
+    assert len(lines) == 6 and "WT" in lines[1] and "ST" in lines[2]
+    total = sum(int(l.split()[-2].replace(",", "")) for l in lines)
+    head = sum(p.numel() for k, p in model.named_parameters() if k.startswith("fc."))
+    assert total + head == sum(p.numel() for p in model.parameters())
+
+
+def test_init_one_element_and_missing():
+    t = torch.tensor([2.5])
+    assert torch.equal(init.st_tensor(t, 0, "x"), t)
+    c = torch.full((4, 5), 0.25)  # zero std: the draw is the constant itself
+    assert torch.equal(init.st_tensor(c, 0, "c"), c)
+    model = models.create_model("resnet18", num_classes=3, img_size=64)
+    pre = {k: v for k, v in model.state_dict().items() if not k.startswith("layer4")}
+    with pytest.raises(ValueError, match="layer4"):
+        init.wtst_init(model, pre, 6)
+
+
+def test_init_random_init_seeded():
+    a = init.random_init(models.create_model("deit_t", num_classes=3, img_size=32), seed=4).state_dict()
+    b = init.random_init(models.create_model("deit_t", num_classes=3, img_size=32), seed=4).state_dict()
+    c = init.random_init(models.create_model("deit_t", num_classes=3, img_size=32), seed=5).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
+    # the architecture's own scheme: timm-style truncated normal, std 0.02, for DeiT linears
+    assert abs(a["blocks.0.mlp.fc1.weight"].std().item() - 0.02) < 0.002
+
+
+# ========================================================================================
+# data
+# ========================================================================================
+# ----------------------------------------------------------------------------- fixtures
+def _data_img(path, seed, mode="RGB", size=(40, 30)):
+    """A small random image file (PNG or JPEG by suffix)."""
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+
+
+def _data_csv(path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _data_aptos(root, n=20):
+    rows = []
+    for k in range(n):
+        rows.append([f"id{k:03d}", k % 5])
+        _data_img(root / "train_images" / f"id{k:03d}.png", k)
+    _data_csv(root / "train.csv", ["id_code", "diagnosis"], rows)
+    return {f"train_images/id{k:03d}.png": k % 5 for k in range(n)}
+
+
+_DATA_DDSM_PREFIX = ["normal", "benign", "benign_without_callback", "cancer"]
+
+
+def _data_ddsm(root):
+    labels, k = {}, 0
+    for split, n in (("train", 8), ("val", 4), ("test", 4)):
+        names = []
+        for j in range(n):
+            prefix = _DATA_DDSM_PREFIX[k % 4]
+            name = f"{prefix}_01-B_{k:04d}_1.LEFT_CC.LJPEG.1.jpg"
+            _data_img(root / "ddsm_raw" / name, k, mode="L", size=(30, 44))
+            names.append(name)
+            labels[f"ddsm_raw/{name}"] = 0 if prefix == "normal" else 1
+            k += 1
+        (root / "ddsm_raw_image_lists").mkdir(parents=True, exist_ok=True)
+        (root / "ddsm_raw_image_lists" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return labels
+
+
+def _data_isic(root, n=20, folder="train"):
+    header = ["image"] + data.ISIC_CLASSES + ["UNK"]
+    rows, labels = [], {}
+    for k in range(n):
+        onehot = [0.0] * 9
+        onehot[k % 8] = 1.0
+        rows.append([f"ISIC_{k:07d}"] + onehot)
+        _data_img(root / folder / f"ISIC_{k:07d}.jpg", k)
+        labels[f"{folder}/ISIC_{k:07d}.jpg"] = k % 8
+    _data_csv(root / "ISIC_2019_Training_GroundTruth.csv", header, rows)
+    return labels
+
+
+_DATA_CHEX_VALUES = ["", "1.0", "0.0", "-1.0"]
+
+
+def _data_chexpert(base, csv_dir, n_patients=10):
+    """Images under base/CheXpert-v1.0-small/train/...; train.csv written in csv_dir.
+    Returns {Path: expected label vector}."""
+    rng = np.random.default_rng(0)
+    rows, labels, k = [], {}, 0
+    for p in range(1, n_patients + 1):
+        for s in range(1, 1 + (p % 3) + 1):
+            for view in ["view1_frontal", "view2_lateral"][: 1 + (p + s) % 2]:
+                rel = f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}/{view}.jpg"
+                _data_img(base / rel, k, mode="L", size=(32, 36))
+                vals = [_DATA_CHEX_VALUES[v] for v in rng.integers(0, 4, 14)]
+                if k % 5 == 0:                         # some rows with no positive at all
+                    vals = [v if v != "1.0" else "-1.0" for v in vals]
+                rows.append([rel, "Female", 50, "Frontal", "AP"] + vals)
+                y = np.array([1.0 if v == "1.0" else 0.0 for v in vals], np.float32)
+                if y.sum() == 0:
+                    y[0] = 1.0
+                labels[rel] = y
+                k += 1
+    _data_csv(csv_dir / "train.csv", ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + data.CHEXPERT_CLASSES, rows)
+    return labels
+
+
+def _data_pcam(root, sizes=(("train", 12), ("valid", 6), ("test", 6))):
+    import h5py
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for k, (tag, n) in enumerate(sizes):
+        rng = np.random.default_rng(k)
+        x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+        y = (np.arange(n) % 2).astype(np.uint8).reshape(n, 1, 1, 1)
+        with h5py.File(root / f"camelyonpatch_level_2_split_{tag}_x.h5", "w") as f:
+            f["x"] = x
+        with h5py.File(root / f"camelyonpatch_level_2_split_{tag}_y.h5", "w") as f:
+            f["y"] = y
+        out[tag] = (x, y.reshape(-1))
+    return out
+
+
+def _data_expected(path, info, grey=False):
+    """Eval tensor of an original file by hand: decode, Resize((r, r)), CenterCrop, ToTensor, Normalize."""
+    img = Image.open(path).convert("RGB")
+    t = T.Compose([T.Resize((info["resize"], info["resize"])), T.CenterCrop(info["img_size"]), T.ToTensor(),
+                   T.Normalize(info["mean"], info["std"])])
+    return t(img)
+
+
+def _data_labels_of(ds):
+    return dict(zip(ds.ids, ds.labels.tolist()))
+
+
+# ----------------------------------------------------------------------------- layouts
+def test_data_aptos_labels_splits_and_items(tmp_path):
+    truth = _data_aptos(tmp_path / "aptos")
+    tr, va, te, info = data.build_datasets("aptos", tmp_path / "aptos", img_size=32, seed=0, workers=1)
+    assert (len(tr), len(va), len(te)) == (14, 3, 3) and info["sizes"] == {"train": 14, "val": 3, "test": 3}
+    assert info["num_classes"] == 5 and info["metric"] == "quadratic_kappa" and info["loss"] == "ce"
+    assert not info["multilabel"] and info["mean"] == (0.415, 0.221, 0.073)
+    ids = tr.ids + va.ids + te.ids
+    assert sorted(ids) == sorted(truth) and len(set(ids)) == 20
+    for ds in (tr, va, te):
+        assert ds.labels.dtype == np.int64
+        assert all(truth[i] == y for i, y in _data_labels_of(ds).items())
+    x, y = tr[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    assert Path(info["split_file"]).parent == tmp_path / "aptos" / ".wtst_cache"  # default cache dir
+
+
+def test_data_ddsm_published_splits_and_grey(tmp_path):
+    truth = _data_ddsm(tmp_path / "ddsm")
+    tr, va, te, info = data.build_datasets("ddsm", tmp_path / "ddsm", img_size=32, workers=1)
+    assert (len(tr), len(va), len(te)) == (8, 4, 4) and info["split_file"] is None
+    lists = tmp_path / "ddsm" / "ddsm_raw_image_lists"
+    for ds, s in ((tr, "train"), (va, "val"), (te, "test")):
+        assert sorted(ds.ids) == sorted("ddsm_raw/" + n for n in (lists / f"{s}.txt").read_text().split())
+        assert all(truth[i] == y for i, y in _data_labels_of(ds).items())
+    assert set(tr.labels.tolist()) == {0, 1} and info["mean"] == (0.286,) * 3
+    x, _ = data.eval_view(tr)[0]
+    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])   # grey -> 3 channels
+
+
+@pytest.mark.parametrize("folder", ["train", "ISIC_2019_Training_Input"])
+def test_data_isic_labels_ignore_unk(tmp_path, folder):
+    truth = _data_isic(tmp_path / "isic", folder=folder)
+    tr, va, te, info = data.build_datasets("isic", tmp_path / "isic", img_size=32, workers=1)
+    assert (len(tr), len(va), len(te)) == (16, 2, 2) and info["num_classes"] == 8
+    assert info["classes"] == data.ISIC_CLASSES and info["metric"] == "macro_recall"
+    for ds in (tr, va, te):
+        assert all(truth[i] == y for i, y in _data_labels_of(ds).items())
+
+
+@pytest.mark.parametrize("layout", ["csv_in_small_folder", "csv_beside_small_folder"])
+def test_data_chexpert_uzeroes_and_patient_split(tmp_path, layout):
+    base = tmp_path / "chex"
+    root = base / "CheXpert-v1.0-small" if layout == "csv_in_small_folder" else base
+    truth = _data_chexpert(base, root, n_patients=10)
+    tr, va, te, info = data.build_datasets("chexpert", root, img_size=32, seed=3, workers=1)
+    assert info["multilabel"] and info["loss"] == "bce" and info["metric"] == "mean_auc" and info["num_classes"] == 14
+    assert len(tr) + len(va) + len(te) == len(truth)
+    for ds in (tr, va, te):
+        assert ds.labels.dtype == np.float32 and ds.labels.shape == (len(ds), 14)
+        for i, y in zip(ds.ids, ds.labels):
+            np.testing.assert_array_equal(y, truth[i])
+    assert (tr.labels.sum(1) > 0).all()                  # every row has a positive ("No Finding" fill)
+    patients = [{i.split("/")[2] for i in ds.ids} for ds in (tr, va, te)]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    assert [len(p) for p in patients] == [8, 1, 1]       # 20% of 10 patients held out, split in half
+    x, y = tr[0]
+    assert x.shape == (3, 32, 32) and y.dtype == torch.float32 and y.shape == (14,)
+
+
+def test_data_camelyon_hdf5_official_splits(tmp_path):
+    arrays = _data_pcam(tmp_path / "pcam")
+    tr, va, te, info = data.build_datasets("camelyon", tmp_path / "pcam", img_size=96)
+    assert (len(tr), len(va), len(te)) == (12, 6, 6) and info["metric"] == "roc_auc"
+    np.testing.assert_array_equal(va.labels, arrays["valid"][1])
+    x, y = data.eval_view(te)[3]
+    assert x.shape == (3, 96, 96) and y == 1
+    # eval view = resize 96 -> 110, centre-crop 96 of the stored patch
+    want = T.Compose([T.Resize((110, 110)), T.CenterCrop(96), T.ToTensor(), T.Normalize(info["mean"], info["std"])])
+    assert torch.equal(x, want(Image.fromarray(arrays["test"][0][3])))
+    # lazily opened per worker, picklable
+    xs = [b[0] for b in torch.utils.data.DataLoader(data.eval_view(tr), batch_size=4, num_workers=2)]
+    assert torch.cat(xs).shape == (12, 3, 96, 96)
+
+
+# ----------------------------------------------------------------------------- splits
+def test_data_split_reproducible_and_reused(tmp_path):
+    _data_aptos(tmp_path / "aptos", n=30)
+    root = tmp_path / "aptos"
+    a = data.build_datasets("aptos", root, img_size=16, seed=0, cache_dir=tmp_path / "c1", workers=1)
+    b = data.build_datasets("aptos", root, img_size=16, seed=0, cache_dir=tmp_path / "c2", workers=1)
+    c = data.build_datasets("aptos", root, img_size=16, seed=1, cache_dir=tmp_path / "c1", workers=1)
+    assert [d.ids for d in a[:3]] == [d.ids for d in b[:3]]          # same seed, fresh dir: same split
+    assert [d.ids for d in a[:3]] != [d.ids for d in c[:3]]          # other seed: other split
+    assert _data_split_matches(a, seed=0)
+    # the written file is what is used: edit it and the datasets follow
+    f = Path(a[3]["split_file"])
+    split = json.loads(f.read_text())
+    moved = split["train"].pop(0)
+    split["val"].append(moved)
+    f.write_text(json.dumps(split))
+    tr, va, _, _ = data.build_datasets("aptos", root, img_size=16, seed=0, cache_dir=tmp_path / "c1", workers=1)
+    assert moved in va.ids and moved not in tr.ids
+    # a split file that no longer covers the images is rewritten (with a warning)
+    split["val"].remove(moved)
+    f.write_text(json.dumps(split))
+    with pytest.warns(UserWarning, match="split file"):
+        tr, va, te, _ = data.build_datasets("aptos", root, img_size=16, seed=0, cache_dir=tmp_path / "c1", workers=1)
+    assert [tr.ids, va.ids, te.ids] == [d.ids for d in a[:3]]
+
+
+def _data_split_matches(built, seed):
+    """The split equals make_split on the sorted ids (machine independent: numpy default_rng)."""
+    tr, va, te, info = built
+    ids = sorted(tr.ids + va.ids + te.ids)
+    want = data.make_split(ids, 0.3, seed)
+    return want == {"train": tr.ids, "val": va.ids, "test": te.ids}
+
+
+def test_data_make_split_fixed_values():
+    """Pinned output, so a change in the split procedure is noticed (splits must not move)."""
+    ids = [f"i{k}" for k in range(10)]
+    s = data.make_split(ids, 0.3, seed=0)
+    assert sorted(s["train"] + s["val"] + s["test"]) == ids and [len(v) for v in s.values()] == [7, 1, 2]
+    assert s == data.make_split(list(reversed(ids)), 0.3, seed=0)    # input order does not matter
+    assert (s["val"], s["test"]) == (["i4"], ["i2", "i6"])
+
+
+# ----------------------------------------------------------------------------- cache
+@pytest.mark.parametrize("name", ["aptos", "ddsm"])
+def test_data_cache_equals_direct_decoding(tmp_path, name):
+    root = tmp_path / name
+    (_data_aptos if name == "aptos" else _data_ddsm)(root)
+    cached = data.build_datasets(name, root, img_size=24, workers=2)     # 2 processes build the cache
+    direct = data.build_datasets(name, root, img_size=24, cache=False)
+    info = cached[3]
+    assert info["cache_file"] and Path(info["cache_file"]).is_file() and direct[3]["cache_file"] is None
+    for dc, dd in zip(cached[:3], direct[:3]):
+        assert dc.ids == dd.ids
+        for k in range(len(dc)):
+            xc = data.eval_view(dc)[k][0]
+            assert torch.equal(xc, data.eval_view(dd)[k][0])
+            assert torch.equal(xc, _data_expected(root / dc.ids[k], info))
+    # the train transforms draw from torch's RNG: same seed, same augmented tensor
+    torch.manual_seed(5)
+    a = cached[0][1][0]
+    torch.manual_seed(5)
+    assert torch.equal(a, direct[0][1][0])
+    assert not torch.equal(cached[0][1][0], a)
+
+
+def test_data_cache_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
+    root = tmp_path / "aptos"
+    _data_aptos(root)
+    calls = []
+    real = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda *a: calls.append(a[0]) or real(*a))
+    tr, va, te, info = data.build_datasets("aptos", root, img_size=16, workers=1)
+    assert len(calls) == 20
+    calls.clear()
+    info2 = data.build_datasets("aptos", root, img_size=16, workers=1)[3]
+    assert calls == [] and info2["cache_file"] == info["cache_file"]   # key matches: reused
+    # replace one image: only that file is decoded again, the old cache files are removed
+    target = root / tr.ids[0]
+    _data_img(target, 999)
+    os.utime(target, ns=(1_000_000_000, 1_000_000_000))
+    tr3, _, _, info3 = data.build_datasets("aptos", root, img_size=16, workers=1)
+    assert calls == [str(target)] and info3["cache_file"] != info["cache_file"]
+    assert not Path(info["cache_file"]).exists()
+    assert len(list(Path(info["cache_dir"]).glob("aptos_*.npy"))) == 1
+    assert torch.equal(data.eval_view(tr3)[0][0], _data_expected(target, info3))
+    # add an image (and its row): rebuilt with it, the split file rewritten to include it
+    _data_img(root / "train_images" / "new.png", 1000)
+    with open(root / "train.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["new", 2])
+    calls.clear()
+    with pytest.warns(UserWarning):
+        parts = data.build_datasets("aptos", root, img_size=16, workers=1)
+    assert calls == [str(root / "train_images" / "new.png")] and sum(len(d) for d in parts[:3]) == 21
+    # another size is another cache
+    info4 = data.build_datasets("aptos", root, img_size=20, workers=1)[3]
+    assert info4["resize"] == 23 and info4["cache_file"] != parts[3]["cache_file"]
+
+
+def test_data_datasets_picklable_with_workers(tmp_path):
+    root = tmp_path / "aptos"
+    _data_aptos(root)
+    tr, _, _, _ = data.build_datasets("aptos", root, img_size=16, workers=1)
+    tr[0]                                               # opens the memmap in this process
+    clone = pickle.loads(pickle.dumps(tr))
+    assert torch.equal(data.eval_view(clone)[1][0], data.eval_view(tr)[1][0])
+    loader = torch.utils.data.DataLoader(data.eval_view(tr), batch_size=5, num_workers=2)
+    xs = torch.cat([b[0] for b in loader])
+    assert torch.equal(xs, torch.stack([data.eval_view(tr)[k][0] for k in range(len(tr))]))
+
+
+def test_data_default_cache_dir_fallback(tmp_path, monkeypatch):
+    root = tmp_path / "ro"
+    root.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(data.os, "access", lambda p, m: False)        # as if root were read-only
+    d = data.default_cache_dir(root)
+    assert d.parent == tmp_path / "xdg" / "wtst" and d.is_dir()
+
+
+# ----------------------------------------------------------------------------- bad input
+def _data_expect(exc, match, name, root, **kw):
+    with pytest.raises(exc, match=match) as e:
+        data.build_datasets(name, root, img_size=16, workers=1, **kw)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_data_bad_names_and_roots(tmp_path):
+    _data_expect(ValueError, "expected one of aptos, ddsm", "imagenet", tmp_path)
+    _data_expect(FileNotFoundError, "missing.*not a folder", "aptos", tmp_path / "missing")
+    _data_expect(FileNotFoundError, "not a folder", "isic", None)
+    _data_expect(FileNotFoundError, "train.csv does not exist", "aptos", tmp_path)
+    _data_expect(FileNotFoundError, "GroundTruth.csv does not exist", "isic", _data_mk(tmp_path / "i", "train"))
+    _data_expect(FileNotFoundError, "ISIC_2019_Training_Input", "isic", _data_mk(tmp_path / "i2"))
+    _data_expect(FileNotFoundError, "train.txt does not exist", "ddsm", tmp_path)
+    _data_expect(FileNotFoundError, "camelyonpatch_level_2_split_train_x.h5 does not exist", "camelyon", tmp_path)
+
+
+def _data_mk(path, *sub):
+    for s in sub:
+        (path / s).mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_data_bad_csv_columns_and_labels(tmp_path):
+    root = tmp_path / "aptos"
+    _data_aptos(root, n=10)
+    _data_csv(root / "train.csv", ["id", "diagnosis"], [["id000", 0]])
+    _data_expect(ValueError, r"train.csv lacks column\(s\) id_code", "aptos", root)
+    _data_csv(root / "train.csv", ["id_code", "diagnosis"], [[f"id{k:03d}", 7 if k == 4 else 0] for k in range(10)])
+    _data_expect(ValueError, "line 6: diagnosis '7' for id004 is not a grade 0..4", "aptos", root)
+    _data_csv(root / "train.csv", ["id_code", "diagnosis"], [[f"id{k:03d}", 0] for k in range(10)] + [["id999", 1]])
+    msg = _data_expect(FileNotFoundError, "does not exist", "aptos", root)
+    assert "id999.png" in msg and "train.csv" in msg
+    # isic: UNK-only row, missing class column
+    isic = tmp_path / "isic"
+    _data_isic(isic, n=10)
+    _data_csv(isic / "ISIC_2019_Training_GroundTruth.csv", ["image"] + data.ISIC_CLASSES + ["UNK"],
+              [["ISIC_0000000"] + [0.0] * 8 + [1.0]])
+    _data_expect(ValueError, "ISIC_0000000.*expected exactly one 1", "isic", isic)
+    _data_csv(isic / "ISIC_2019_Training_GroundTruth.csv", ["image", "MEL", "NV"], [["ISIC_0000000", 1, 0]])
+    _data_expect(ValueError, r"lacks column\(s\) BCC, AK", "isic", isic)
+    # chexpert: bad value, missing column, no patient id
+    chex = tmp_path / "chex"
+    _data_chexpert(chex, chex, n_patients=3)
+    rows = list(csv.reader(open(chex / "train.csv")))
+    rows[2][5 + 2] = "2.0"
+    _data_csv(chex / "train.csv", rows[0], rows[1:])
+    _data_expect(ValueError, "line 3: column 'Cardiomegaly' has '2.0'", "chexpert", chex)
+    _data_csv(chex / "train.csv", rows[0][:-1], [r[:-1] for r in rows[1:]])
+    _data_expect(ValueError, r"lacks column\(s\) Support Devices", "chexpert", chex)
+    rows[2][5 + 2] = "1.0"
+    rows[1][0] = "CheXpert-v1.0-small/train/p1/study1/view1_frontal.jpg"
+    _data_csv(chex / "train.csv", rows[0], rows[1:])
+    _data_expect(ValueError, "cannot derive a patient id from Path 'CheXpert-v1.0-small/train/p1", "chexpert", chex)
+    # ddsm: a file name without the label prefix
+    ddsm = tmp_path / "ddsm"
+    _data_ddsm(ddsm)
+    (ddsm / "ddsm_raw_image_lists" / "val.txt").write_text("weird_01.jpg\n")
+    _data_expect(ValueError, "val.txt line 1: 'weird_01.jpg' does not start with normal_", "ddsm", ddsm)
+
+
+@pytest.mark.parametrize("damage", ["truncated_png", "truncated_jpg", "not_an_image"])
+def test_data_bad_image_named(tmp_path, damage):
+    root = tmp_path / "aptos"
+    _data_aptos(root, n=10)
+    bad = root / "train_images" / "id003.png"
+    if damage == "truncated_png":
+        bad.write_bytes(bad.read_bytes()[:-300])
+    elif damage == "truncated_jpg":
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(
+            tmp_path / "x.jpg")
+        bad.write_bytes((tmp_path / "x.jpg").read_bytes()[:-500])
+    else:
+        bad.write_text("hello")
+    msg = _data_expect(ValueError, "cannot decode image", "aptos", root)
+    assert str(bad) in msg
+    assert not list((root / ".wtst_cache").glob("*.npy*"))              # no cache left behind
+    # without the cache the error surfaces when the item is read
+    parts = data.build_datasets("aptos", root, img_size=16, cache=False)
+    ds = next(d for d in parts[:3] if "train_images/id003.png" in d.ids)
+    with pytest.raises(ValueError, match="cannot decode image .*id003.png"):
+        ds[ds.ids.index("train_images/id003.png")]
+
+
+def test_data_bad_hdf5(tmp_path):
+    import h5py
+    root = tmp_path / "pcam"
+    _data_pcam(root)
+    with h5py.File(root / "camelyonpatch_level_2_split_valid_x.h5", "w") as f:
+        f["images"] = np.zeros((6, 96, 96, 3), np.uint8)
+    _data_expect(ValueError, "valid_x.h5 has no dataset 'x'", "camelyon", root)
+    _data_pcam(root)
+    with h5py.File(root / "camelyonpatch_level_2_split_test_y.h5", "w") as f:
+        f["y"] = np.full((6, 1, 1, 1), 3, np.uint8)
+    _data_expect(ValueError, "test_y.h5 has label 3", "camelyon", root)
+    _data_pcam(root)
+    (root / "camelyonpatch_level_2_split_train_y.h5").rename(root / "camelyonpatch_level_2_split_train_y.h5.gz")
+    _data_expect(FileNotFoundError, "gunzip", "camelyon", root)
+
+
+# ----------------------------------------------------------------------------- generated tasks
+@pytest.mark.parametrize("name", ["synthetic", "shapes"])
+def test_data_generated_deterministic(name, monkeypatch):
+    monkeypatch.setattr(data, "SYNTHETIC_SIZE", 200)
+    monkeypatch.setattr(data, "SHAPES_SIZE", 320)
+    a = data.build_datasets(name, None, img_size=40, seed=0)
+    b = data.build_datasets(name, None, img_size=40, seed=0)
+    c = data.build_datasets(name, None, img_size=40, seed=1)
+    info = a[3]
+    assert info["num_classes"] == (5 if name == "synthetic" else 16) and info["root"] is None
+    assert info["metric"] == ("quadratic_kappa" if name == "synthetic" else "macro_recall")
+    assert sum(info["sizes"].values()) == (200 if name == "synthetic" else 320) and a[3] == b[3]
+    for da, db, dc in zip(a[:3], b[:3], c[:3]):
+        np.testing.assert_array_equal(da.labels, db.labels)
+        assert torch.equal(data.eval_view(da)[0][0], data.eval_view(db)[0][0])
+        assert not torch.equal(data.eval_view(da)[0][0], data.eval_view(dc)[0][0])
+    x, y = a[0][0]
+    assert x.shape == (3, 40, 40) and isinstance(y, int)
+    assert set(np.unique(a[0].labels)) == set(range(info["num_classes"]))
+
+
+@pytest.mark.parametrize("name, steps, floor", [("synthetic", 150, 0.35), ("shapes", 300, 0.15)])
+def test_data_generated_learnable(name, steps, floor, monkeypatch):
+    """A tiny CNN trained a few hundred small steps (a few seconds on one CPU thread) is well
+    above chance (0.2 / 0.0625) on the held-out split, through the real pipeline at 32 px."""
+    monkeypatch.setattr(data, "SYNTHETIC_SIZE", 1500)
+    monkeypatch.setattr(data, "SHAPES_SIZE", 2400)
+    tr, _, te, info = data.build_datasets(name, None, img_size=32, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                            # tiny convs: threads only contend
+    try:
+        torch.manual_seed(0)
+        bank = data.eval_view(tr)
+        X, Y = torch.stack([bank[k][0] for k in range(len(tr))]), torch.as_tensor(tr.labels)
+        Xt = torch.stack([te[k][0] for k in range(len(te))])
+        blk = lambda i, o: [torch.nn.Conv2d(i, o, 3, 2, 1), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
+        net = torch.nn.Sequential(*blk(3, 16), *blk(16, 32), *blk(32, 64), *blk(64, 64), torch.nn.Flatten(),
+                                  torch.nn.Linear(64 * 4, info["num_classes"]))
+        opt = torch.optim.Adam(net.parameters(), 3e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            idx = torch.randint(0, len(X), (64,), generator=g)
+            loss = torch.nn.functional.cross_entropy(net(X[idx]), Y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            acc = (net(Xt).argmax(1).numpy() == te.labels).mean()
+    finally:
+        torch.set_num_threads(threads)
+    assert acc > floor, f"{name}: held-out accuracy {acc:.3f} (chance {1 / info['num_classes']:.3f})"
+
+
+def test_data_val_test_use_eval_transforms():
+    """Only the training split is augmented: val/test items are the same on every read."""
+    train_ds, val_ds, test_ds, _ = data.build_datasets("synthetic", None, img_size=32, seed=0)
+    for ds in (val_ds, test_ds):
+        torch.manual_seed(0)
+        a = ds[3][0]
+        torch.manual_seed(1)
+        assert torch.equal(a, ds[3][0])
+        assert torch.equal(a, data.eval_view(ds)[3][0])
+    torch.manual_seed(0)
+    a = train_ds[3][0]
+    torch.manual_seed(1)
+    assert not torch.equal(a, train_ds[3][0])
+
+
+# ========================================================================================
+# metrics
+# ========================================================================================
+# ----------------------------------------------------------------------------- references
+
+
+def _metrics_ref_hsic(k, l, debiased):
+    """Plain float64 numpy HSIC of raw Grams K, L. Debiased: Song et al. (2012) eq. 5,
+    HSIC_1 = [tr(K~L~) + 1'K~1 1'L~1/((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)), K~ = K with
+    zero diagonal. Biased: tr(K H L H) / (n-1)^2."""
+    n = k.shape[0]
+    if debiased:
+        k, l = k.copy(), l.copy()
+        np.fill_diagonal(k, 0)
+        np.fill_diagonal(l, 0)
+        one = np.ones(n)
+        return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+    h = np.eye(n) - np.ones((n, n)) / n
+    return np.trace(k @ h @ l @ h) / (n - 1) ** 2
+
+
+def _metrics_ref_cka(x, y, debiased):
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    k, l = x @ x.T, y @ y.T
+    return _metrics_ref_hsic(k, l, debiased) / math.sqrt(
+        _metrics_ref_hsic(k, k, debiased) * _metrics_ref_hsic(l, l, debiased))
+
+
+def _metrics_ref_feature_cka(x, y):
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def _metrics_pair(n=40, d1=30, d2=20, seed=0, dtype=torch.float64):
+    """Two correlated activation sets with non-zero means, so CKA is far from 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    z = randn(n, 8)
+    x = z @ randn(8, d1) + randn(n, d1) + 2
+    y = torch.relu(z @ randn(8, d2)) + 0.7 * randn(n, d2)
+    return x.to(dtype), y.to(dtype)
+
+
+def _metrics_layers(n, num, seed, d=12):
+    """`num` layers of a random linear-ReLU chain on the same n inputs."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    out = []
+    for _ in range(num):
+        h = torch.relu(h @ torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)) + 0.1 * h
+        out.append(h.clone())
+    return out
+
+
+# ----------------------------------------------------------------------------- one-shot CKA
+
+_SHAPES = [(60, 10, 7), (12, 30, 20)]  # feature-form path (d1 + d2 < n) and Gram-form path
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_metrics_cka_matches_reference(debiased, shape):
+    x, y = _metrics_pair(*shape)
+    assert metrics.cka(x, y, debiased) == pytest.approx(_metrics_ref_cka(x, y, debiased), abs=1e-10)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_metrics_cka_self_is_one_and_symmetric(debiased, shape):
+    x, y = _metrics_pair(*shape)
+    assert metrics.cka(x, x, debiased) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.cka(x, y, debiased) == pytest.approx(metrics.cka(y, x, debiased), abs=1e-12)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_metrics_cka_invariances(debiased, shape):
+    x, y = _metrics_pair(*shape)
+    base = metrics.cka(x, y, debiased)
+    q, _ = torch.linalg.qr(torch.randn(x.shape[1], x.shape[1], dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(1)))
+    assert metrics.cka(x @ q, y, debiased) == pytest.approx(base, abs=1e-10)
+    for s in (1e-3, 1e3):
+        assert metrics.cka(s * x, y, debiased) == pytest.approx(base, abs=1e-10)
+    c = torch.randn(x.shape[1], dtype=torch.float64) * 10
+    assert metrics.cka(x + c, y, debiased) == pytest.approx(base, abs=1e-10)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_metrics_cka_not_invariant_to_generic_linear_map(debiased, shape):
+    x, y = _metrics_pair(*shape)
+    g = torch.Generator().manual_seed(2)
+    a = torch.diag(torch.logspace(-2, 2, x.shape[1], dtype=torch.float64)) @ torch.randn(
+        x.shape[1], x.shape[1], dtype=torch.float64, generator=g)
+    assert abs(metrics.cka(x @ a, y, debiased) - metrics.cka(x, y, debiased)) > 1e-3
+
+
+def test_metrics_gram_form_equals_feature_form():
+    x, y = _metrics_pair(60, 10, 7)  # cka() takes the feature form here
+    k, l = metrics.centered_gram(x, debiased=False), metrics.centered_gram(y, debiased=False)
+    gram_form = float((k * l).sum() / (k.norm() * l.norm()))
+    assert metrics.cka(x, y) == pytest.approx(gram_form, abs=1e-12)
+    assert gram_form == pytest.approx(_metrics_ref_feature_cka(x.numpy(), y.numpy()), abs=1e-12)
+
+
+def test_metrics_centered_gram_properties():
+    x, _ = _metrics_pair(20, 9, 5)
+    u = metrics.centered_gram(x, debiased=True)
+    b = metrics.centered_gram(x, debiased=False)
+    assert u.dtype == b.dtype == torch.float64 and u.shape == (20, 20)
+    assert torch.all(u.diagonal() == 0)
+    assert torch.allclose(u, u.T) and torch.allclose(b, b.T)
+    assert u.sum(0).abs().max() < 1e-9 and b.sum(0).abs().max() < 1e-9  # both are doubly centred
+    with pytest.raises(ValueError):
+        metrics.centered_gram(x[:3], debiased=True)
+
+
+def test_metrics_cka_low_precision_inputs():
+    x, y = _metrics_pair(64, 200, 150, dtype=torch.float32)
+    ref = _metrics_ref_cka(x, y, True)
+    k = metrics.centered_gram(x, True)
+    l = metrics.centered_gram(y, True)
+    assert float((k * l).sum() / (k.norm() * l.norm())) == pytest.approx(ref, abs=1e-6)
+    # fp16 activations: the Gram must be formed in float32, not fp16 (which would overflow here)
+    xh, yh = (x * 30).half(), (y * 30).half()
+    kh, lh = metrics.centered_gram(xh, True), metrics.centered_gram(yh, True)
+    assert torch.isfinite(kh).all()
+    ref_h = _metrics_ref_cka(xh.double(), yh.double(), True)
+    assert float((kh * lh).sum() / (kh.norm() * lh.norm())) == pytest.approx(ref_h, abs=1e-6)
+
+
+def test_metrics_centered_gram_avoids_reduced_precision_matmul():
+    x, _ = _metrics_pair(16, 50, 5, dtype=torch.float32)
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # would allow bf16 / TF32 float32 matmuls
+        got = metrics.centered_gram(x)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert torch.equal(got, metrics.centered_gram(x, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        metrics.centered_gram(x, dtype=torch.float16)
+
+
+def test_metrics_cka_constant_layer_is_nan_and_small_n_raises():
+    x, _ = _metrics_pair(30, 10, 5)
+    const = torch.full((30, 7), 0.1, dtype=torch.float32)
+    assert math.isnan(metrics.cka(x, const))
+    assert math.isnan(metrics.cka(x, const, debiased=True))
+    with pytest.raises(ValueError):
+        metrics.cka(x[:3], x[:3], debiased=True)
+    with pytest.raises(ValueError):
+        metrics.cka(x[:5], x[:6])
+
+
+def test_metrics_cka_multidim_activations_flattened():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(16, 5, 2, 2, generator=g, dtype=torch.float64) + x[:, :1, :2, :2]
+    for debiased in (False, True):
+        assert metrics.cka(x, y, debiased) == pytest.approx(_metrics_ref_cka(x, y, debiased), abs=1e-10)
+
+
+# ----------------------------------------------------------------------------- accumulator
+
+
+def _metrics_batches(la, lb, sizes, seed=0):
+    """Per batch: (acts of model A (la layers), acts of model B (lb layers)), B correlated with A."""
+    out = []
+    for i, n in enumerate(sizes):
+        a = _metrics_layers(n, la, seed + 100 * i)
+        b = [h + 0.5 * t for h, t in zip(_metrics_layers(n, lb, seed + 100 * i + 7), a * lb)]
+        out.append((a, b))
+    return out
+
+
+def _metrics_ref_minibatch(batches, la, lb):
+    """Ratio of sums of HSIC_1 over batches, from the numpy reference."""
+    cross, sa, sb = np.zeros((la, lb)), np.zeros(la), np.zeros(lb)
+    for a, b in batches:
+        ka = [x.numpy() @ x.numpy().T for x in a]
+        kb = [y.numpy() @ y.numpy().T for y in b]
+        for i, j in itertools.product(range(la), range(lb)):
+            cross[i, j] += _metrics_ref_hsic(ka[i], kb[j], True)
+        sa += [_metrics_ref_hsic(k, k, True) for k in ka]
+        sb += [_metrics_ref_hsic(k, k, True) for k in kb]
+    return cross / np.sqrt(np.outer(sa, sb))
+
+
+def test_metrics_accumulator_one_batch_equals_cka():
+    (a, b), = _metrics_batches(3, 2, [25])
+    for debiased in (True, False):
+        acc = metrics.CKAAccumulator(3, 2, debiased=debiased)
+        acc.update([metrics.centered_gram(x, debiased) for x in a], [metrics.centered_gram(y, debiased) for y in b])
+        got = acc.compute()
+        assert got.shape == (3, 2) and got.dtype == np.float64
+        want = [[metrics.cka(x, y, debiased) for y in b] for x in a]
+        np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+def test_metrics_accumulator_streaming_equals_reference_ratio_of_sums():
+    batches = _metrics_batches(3, 4, [20, 17, 31])
+    acc = metrics.CKAAccumulator(3, 4)
+    for a, b in batches:
+        acc.update_activations(a, b)
+    np.testing.assert_allclose(acc.compute(), _metrics_ref_minibatch(batches, 3, 4), atol=1e-10)
+    # not the same thing as CKA of the concatenated data, nor as the per-batch mean
+    mean_acc = metrics.CKAAccumulator(3, 4, mode="mean")
+    for a, b in batches:
+        mean_acc.update_activations(a, b)
+    assert np.abs(mean_acc.compute() - acc.compute()).max() > 1e-6
+
+
+def test_metrics_accumulator_mean_mode_equals_mean_of_batch_cka():
+    batches = _metrics_batches(2, 3, [20, 17, 31], seed=5)
+    acc = metrics.CKAAccumulator(2, 3, mode="mean")
+    for a, b in batches:
+        acc.update_activations(a, b)
+    want = np.mean([[[metrics.cka(x, y, True) for y in b] for x in a] for a, b in batches], 0)
+    np.testing.assert_allclose(acc.compute(), want, atol=1e-10)
+
+
+def test_metrics_accumulator_within_model_symmetric_unit_diagonal():
+    acc = metrics.CKAAccumulator(5, 5)
+    for a, _ in _metrics_batches(5, 1, [16, 24]):
+        acc.update([metrics.centered_gram(x) for x in a])
+    m = acc.compute()
+    np.testing.assert_allclose(m, m.T, atol=1e-12)
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-12)
+    assert np.all(m[~np.eye(5, dtype=bool)] < 1 - 1e-6)
+
+
+def test_metrics_accumulator_cross_block_equals_joint():
+    batches = _metrics_batches(3, 2, [20, 26], seed=9)
+    cross = metrics.CKAAccumulator(3, 2)
+    joint = metrics.CKAAccumulator(5, 5)
+    for a, b in batches:
+        cross.update_activations(a, b)
+        joint.update_activations(a + b)
+    np.testing.assert_allclose(cross.compute(), joint.compute()[:3, 3:], atol=1e-12)
+
+
+def test_metrics_accumulator_constant_layer_nan():
+    (a, b), = _metrics_batches(2, 2, [20])
+    b[1] = torch.full_like(b[1], 3.7)
+    for mode in ("minibatch", "mean"):
+        acc = metrics.CKAAccumulator(2, 2, mode=mode)
+        acc.update_activations(a, b)
+        m = acc.compute()
+        assert np.isnan(m[:, 1]).all() and np.isfinite(m[:, 0]).all()
+
+
+def test_metrics_accumulator_skips_small_batches_with_warning():
+    batches = _metrics_batches(2, 2, [20, 3, 15])
+    acc = metrics.CKAAccumulator(2, 2)
+    for a, b in batches:
+        if len(a[0]) < 4:
+            with pytest.warns(UserWarning, match="skipped a batch of 3"):
+                acc.update_activations(a, b)
+            with pytest.warns(UserWarning):
+                acc.update([torch.zeros(3, 3)] * 2, [torch.zeros(3, 3)] * 2)
+        else:
+            acc.update_activations(a, b)
+    assert acc.n_batches == 2
+    kept = [batches[0], batches[2]]
+    np.testing.assert_allclose(acc.compute(), _metrics_ref_minibatch(kept, 2, 2), atol=1e-10)
+    with pytest.raises(ValueError):
+        metrics.CKAAccumulator(2, 2).compute()
+
+
+def test_metrics_accumulator_merge_equals_single():
+    batches = _metrics_batches(2, 3, [20, 17, 31, 12], seed=11)
+    for mode in ("minibatch", "mean"):
+        whole, part1, part2 = (metrics.CKAAccumulator(2, 3, mode=mode) for _ in range(3))
+        for i, (a, b) in enumerate(batches):
+            whole.update_activations(a, b)
+            (part1 if i % 2 else part2).update_activations(a, b)
+        part1.merge(part2.state_dict())
+        np.testing.assert_allclose(part1.compute(), whole.compute(), atol=1e-12)
+
+
+def test_metrics_accumulator_rejects_bad_input():
+    acc = metrics.CKAAccumulator(2, 2)
+    (a, b), = _metrics_batches(2, 2, [10])
+    with pytest.raises(ValueError):  # biased Grams fed to a debiased accumulator
+        acc.update([metrics.centered_gram(x, False) for x in a], [metrics.centered_gram(y, False) for y in b])
+    with pytest.raises(ValueError):  # wrong number of layers
+        acc.update([metrics.centered_gram(a[0])], [metrics.centered_gram(y) for y in b])
+    with pytest.raises(ValueError):
+        metrics.CKAAccumulator(2, 2, mode="avg")
+
+
+# ----------------------------------------------------------------------------- k-NN
+
+
+def _metrics_knn_ref(bank, labels, queries, k, t, num_classes):
+    """Brute force: full similarity matrix, argsort, explicit loop over neighbours."""
+    b = bank.double() / bank.double().norm(dim=1, keepdim=True)
+    q = queries.double() / queries.double().norm(dim=1, keepdim=True)
+    sim = (q @ b.T).numpy()
+    k = min(k, len(bank))
+    multilabel = labels.dim() == 2
+    out = np.zeros((len(q), num_classes))
+    for i in range(len(q)):
+        nn_idx = np.argsort(-sim[i], kind="stable")[:k]
+        w = np.exp(sim[i, nn_idx] / t)
+        for j, wj in zip(nn_idx, w):
+            if multilabel:
+                out[i] += wj * labels[j].numpy()
+            else:
+                out[i, int(labels[j])] += wj
+        out[i] /= w.sum()
+    return out
+
+
+def _metrics_knn_data(n_bank=300, n_query=50, dim=16, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 1.5
+    yb = torch.randint(0, classes, (n_bank,), generator=g)
+    yq = torch.randint(0, classes, (n_query,), generator=g)
+    bank = centres[yb] + torch.randn(n_bank, dim, generator=g)
+    queries = centres[yq] + torch.randn(n_query, dim, generator=g)
+    return bank, yb, queries, yq
+
+
+@pytest.mark.parametrize("k", [1, 20, 1000])
+def test_metrics_knn_matches_bruteforce_single_label(k):
+    bank, yb, queries, _ = _metrics_knn_data()
+    got = metrics.knn_predict(bank, yb, queries, k=k, t=0.1)
+    assert got.dtype == torch.float32 and got.shape == (50, 4)
+    np.testing.assert_allclose(got.numpy(), _metrics_knn_ref(bank, yb, queries, k, 0.1, 4), atol=1e-5)
+    np.testing.assert_allclose(got.sum(1).numpy(), 1.0, atol=1e-5)
+
+
+def test_metrics_knn_matches_bruteforce_multilabel():
+    bank, _, queries, _ = _metrics_knn_data(seed=1)
+    yb = (torch.rand(len(bank), 5, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+    got = metrics.knn_predict(bank, yb, queries, k=15, t=0.07)
+    assert got.shape == (50, 5)
+    np.testing.assert_allclose(got.numpy(), _metrics_knn_ref(bank, yb, queries, 15, 0.07, 5), atol=1e-5)
+
+
+def test_metrics_knn_chunked_equals_unchunked():
+    bank, yb, queries, _ = _metrics_knn_data(seed=3)
+    full = metrics.knn_predict(bank, yb, queries, k=25, num_classes=6)
+    for cs, bcs in [(7, None), (1024, 13), (9, 40), (50, 1)]:
+        got = metrics.knn_predict(bank, yb, queries, k=25, num_classes=6, chunk_size=cs, bank_chunk_size=bcs)
+        np.testing.assert_allclose(got.numpy(), full.numpy(), atol=1e-6)
+    ml = (yb[:, None] == torch.arange(4)).float()
+    np.testing.assert_allclose(metrics.knn_predict(bank, ml, queries, k=25, chunk_size=8, bank_chunk_size=17).numpy(),
+                               metrics.knn_predict(bank, ml, queries, k=25).numpy(), atol=1e-6)
+
+
+def test_metrics_knn_k1_nearest_label_and_invariances():
+    bank, yb, queries, _ = _metrics_knn_data(seed=4)
+    scores = metrics.knn_predict(bank, yb, queries, k=1)
+    b = bank / bank.norm(dim=1, keepdim=True)
+    q = queries / queries.norm(dim=1, keepdim=True)
+    assert torch.equal(scores.argmax(1), yb[(q @ b.T).argmax(1)])
+    assert torch.all(scores.max(1).values == 1)
+    base = metrics.knn_predict(bank, yb, queries, k=30)
+    perm = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(metrics.knn_predict(bank[perm], yb[perm], queries, k=30).numpy(), base.numpy(), atol=1e-6)
+    np.testing.assert_allclose(metrics.knn_predict(bank * 7.5, yb, queries * 0.01, k=30).numpy(), base.numpy(), atol=1e-6)
+
+
+def test_metrics_knn_train_as_test_k1_is_perfect():
+    bank, yb, _, _ = _metrics_knn_data(seed=5)
+    scores = metrics.knn_predict(bank, yb.numpy(), bank, k=1, chunk_size=64, bank_chunk_size=100)  # numpy labels too
+    assert metrics.task_metric("accuracy", scores, yb) == 1.0
+
+
+def test_metrics_knn_small_temperature_does_not_overflow():
+    bank, yb, queries, _ = _metrics_knn_data(seed=6)
+    got = metrics.knn_predict(bank, yb, queries, k=10, t=0.001)
+    assert torch.isfinite(got).all()
+    np.testing.assert_allclose(got.sum(1).numpy(), 1.0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- attention distance
+
+
+def _metrics_grid_mean_distance(h, w, patch):
+    pts = list(itertools.product(range(h), range(w)))
+    return np.mean([math.dist(p, q) for p in pts for q in pts]) * patch
+
+
+def test_metrics_attention_distance_identity_and_uniform():
+    n = 1 + 14 * 14
+    eye = torch.eye(n).expand(2, 3, n, n)
+    assert torch.all(metrics.mean_attention_distance(eye, (14, 14), 16) == 0)
+    ref = _metrics_grid_mean_distance(14, 14, 16)
+    assert ref == pytest.approx(116.5, abs=0.1)
+    patches_only = torch.zeros(1, 2, n, n)
+    patches_only[..., 1:] = 1 / 196
+    got = metrics.mean_attention_distance(patches_only, (14, 14), 16)
+    assert got.shape == (2,) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5)
+    uniform = torch.full((1, 2, n, n), 1 / n)  # CLS key gets 1/197 of the mass
+    np.testing.assert_allclose(metrics.mean_attention_distance(uniform, (14, 14), 16).numpy(), ref * 196 / 197, rtol=1e-5)
+    np.testing.assert_allclose(metrics.mean_attention_distance(uniform, (14, 14), 16, renormalize=True).numpy(), ref, rtol=1e-5)
+
+
+def test_metrics_attention_distance_right_neighbour_is_one_patch():
+    h, w = 5, 7
+    a = torch.zeros(1, 1, 1 + h * w, 1 + h * w)
+    for r, c in itertools.product(range(h), range(w)):
+        q = 1 + r * w + c
+        a[0, 0, q, q + 1 if c < w - 1 else q - 1] = 1  # last column: left neighbour
+    assert metrics.mean_attention_distance(a, (h, w), 16).item() == 16.0
+    a0 = a[:, :, 1:, 1:].clone()
+    assert metrics.mean_attention_distance(a0, (h, w), 16, num_prefix_tokens=0).item() == 16.0
+
+
+def test_metrics_attention_distance_scales_with_patch_size_and_streams():
+    g = torch.Generator().manual_seed(0)
+    a = torch.softmax(torch.randn(4, 3, 17, 17, generator=g), -1)
+    d8 = metrics.mean_attention_distance(a, (4, 4), 8)
+    np.testing.assert_allclose(metrics.mean_attention_distance(a, (4, 4), 16).numpy(), 2 * d8.numpy(), rtol=1e-6)
+    s = metrics.attention_distance_sum(a[:1], (4, 4), 8) + metrics.attention_distance_sum(a[1:], (4, 4), 8)
+    np.testing.assert_allclose((s / 4).numpy(), d8.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError):
+        metrics.mean_attention_distance(a, (4, 5), 8)
+
+
+# ----------------------------------------------------------------------------- l2 distance
+
+
+def test_metrics_l2_distance_hand_made():
+    a = {"blk.fc.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "blk.fc.bias": torch.tensor([0.0, 1.0]),
+         "blk.norm.weight": torch.ones(2), "blk.bn.running_mean": torch.zeros(2),
+         "blk.bn.num_batches_tracked": torch.tensor(5), "blk2.weight": torch.ones(3), "head.weight": torch.ones(1)}
+    b = {k: v.clone() for k, v in a.items()}
+    b["blk.fc.weight"] = torch.tensor([[1.0, 2.0], [3.0, 7.0]])   # diff 3
+    b["blk.fc.bias"] = torch.tensor([4.0, 1.0])                   # diff 4
+    b["blk.norm.weight"] = torch.full((2,), 100.0)                # excluded (norm)
+    b["blk.bn.running_mean"] = torch.full((2,), 100.0)            # excluded (buffer)
+    b["blk2.weight"] = torch.full((3,), 3.0)                      # other layer: sqrt(12) / 3
+    got = metrics.l2_distance(a, b, ["blk", "blk2"], norm_keys={"blk.norm.weight"})
+    assert got["blk"] == pytest.approx(5.0 / 6)  # ||(3, 4)|| over 4 + 2 weights
+    assert got["blk2"] == pytest.approx(math.sqrt(12) / 3)
+    with pytest.raises(ValueError):
+        metrics.l2_distance(a, b, ["nothing"])
+
+
+def test_metrics_norm_param_names():
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                            torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)))
+    assert metrics.norm_param_names(m) == {"1.weight", "1.bias", "2.1.weight", "2.1.bias"}
+
+
+# ----------------------------------------------------------------------------- task metrics (sklearn oracle)
+
+skm = pytest.importorskip("sklearn.metrics")
+
+
+def test_metrics_quadratic_kappa_vs_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 200)
+    p = np.clip(y + rng.integers(-1, 2, 200), 0, 4)
+    assert metrics.quadratic_kappa(y, p) == pytest.approx(skm.cohen_kappa_score(y, p, weights="quadratic"))
+    y3 = np.where(y == 3, 4, y)  # class 3 absent from the labels, present in preds
+    assert metrics.quadratic_kappa(y3, p) == pytest.approx(skm.cohen_kappa_score(y3, p, weights="quadratic"))
+    y2, p2 = np.where(y3 == 2, 1, y3), np.where(p == 2, 1, np.where(p == 3, 4, p))  # class 2, 3 absent from both
+    for c in (None, 5):
+        want = skm.cohen_kappa_score(y2, p2, weights="quadratic", labels=None if c is None else list(range(c)))
+        assert metrics.quadratic_kappa(y2, p2, num_classes=c) == pytest.approx(want)
+    assert metrics.quadratic_kappa(y2, p2) != pytest.approx(metrics.quadratic_kappa(y2, p2, num_classes=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.isnan(skm.cohen_kappa_score([2, 2, 2], [2, 2, 2], weights="quadratic"))
+    assert math.isnan(metrics.quadratic_kappa([2, 2, 2], [2, 2, 2]))
+
+
+def test_metrics_roc_auc_vs_sklearn_with_ties():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    s = np.round(y * 0.3 + rng.random(300), 1)  # heavy ties
+    assert metrics.roc_auc(y, s) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+    assert metrics.roc_auc(y + 3, s) == pytest.approx(skm.roc_auc_score(y + 3, s), abs=1e-12)
+    assert metrics.roc_auc(y, np.zeros(300)) == 0.5
+    assert math.isnan(metrics.roc_auc(np.ones(10), np.arange(10)))
+    with pytest.raises(ValueError):
+        metrics.roc_auc([0, 1, 2], [0.1, 0.2, 0.3])
+
+
+def test_metrics_mean_auc_skips_single_valued_classes():
+    rng = np.random.default_rng(2)
+    y = (rng.random((100, 4)) < 0.4).astype(np.float32)
+    y[:, 2] = 0  # no positive: no AUC
+    s = np.round(y + rng.normal(0, 0.8, (100, 4)), 1)
+    mean, per_class = metrics.mean_auc(y, s, return_per_class=True)
+    want = [skm.roc_auc_score(y[:, c], s[:, c]) for c in (0, 1, 3)]
+    np.testing.assert_allclose(per_class[[0, 1, 3]], want, atol=1e-12)
+    assert np.isnan(per_class[2]) and mean == pytest.approx(np.mean(want))
+    assert metrics.mean_auc(y, s) == mean
+    assert metrics.task_metric("mean_auc", torch.tensor(s), torch.tensor(y)) == pytest.approx(mean)
+
+
+def test_metrics_macro_recall_vs_sklearn():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 6, 150)
+    y[y == 5] = 4  # class 5 absent from labels but present in preds: counts as recall 0 in sklearn
+    p = np.where(rng.random(150) < 0.6, y, rng.integers(0, 6, 150))
+    assert 5 in p
+    assert metrics.macro_recall(y, p) == pytest.approx(skm.recall_score(y, p, average="macro", zero_division=0))
+    assert metrics.macro_recall(y, p, num_classes=8) == pytest.approx(
+        skm.recall_score(y, p, average="macro", labels=list(range(8)), zero_division=0))
+
+
+def test_metrics_task_metric_dispatch():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(120, 2)).astype(np.float32)
+    y = (logits[:, 1] - logits[:, 0] + rng.normal(0, 1, 120) > 0).astype(int)
+    prob1 = torch.softmax(torch.tensor(logits, dtype=torch.float64), 1)[:, 1].numpy()
+    assert metrics.task_metric("roc_auc", logits, y) == pytest.approx(skm.roc_auc_score(y, prob1), abs=1e-9)
+    assert metrics.task_metric("roc_auc", logits[:, 1:] - logits[:, :1], y) == pytest.approx(skm.roc_auc_score(y, prob1), abs=1e-9)
+    scores = torch.tensor(rng.normal(size=(120, 5)))
+    y5 = rng.integers(0, 5, 120)
+    pred = scores.argmax(1).numpy()
+    assert metrics.task_metric("accuracy", scores, y5) == pytest.approx(np.mean(pred == y5))
+    assert metrics.task_metric("quadratic_kappa", scores, y5) == pytest.approx(
+        skm.cohen_kappa_score(y5, pred, weights="quadratic", labels=list(range(5))))
+    assert metrics.task_metric("macro_recall", scores, y5) == pytest.approx(
+        skm.recall_score(y5, pred, average="macro", zero_division=0))
+    with pytest.raises(ValueError):
+        metrics.task_metric("f1", scores, y5)
+
+
+# ========================================================================================
+# train
+# ========================================================================================
+# a tiny run: resnet18 at 32 px on 64 images per split, batch 16 -> 4 iterations per epoch
+_TRAIN_TINY = ["--data", "synthetic", "--subset", "64", "--img-size", "32", "--batch-size", "16",
+               "--warmup", "4", "--log-every", "2", "--workers", "0", "--device", "cpu"]
+_TIME_KEYS = ("wall_seconds", "train_seconds", "images_per_second")
+
+
+def _train_env(tmp_path, threads=1):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch_home"), OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=ROOT)
+    return env
+
+
+def _train_run(args, tmp_path, check=True, **kw):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
+                       env=_train_env(tmp_path), cwd=str(tmp_path), timeout=600, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def _train_fake_imagenet(tmp_path, name="resnet18"):
+    """A random checkpoint saved under the published file name in $TORCH_HOME's hub cache."""
+    torch.manual_seed(1)
+    files = {"resnet18": "resnet18-f37072fd.pth", "deit_t": "deit_tiny_patch16_224-a1311bcf.pth"}
+    d = tmp_path / "torch_home" / "hub" / "checkpoints"
+    d.mkdir(parents=True, exist_ok=True)
+    sd = models.create_model(name).state_dict()
+    torch.save({"model": sd} if name.startswith("deit") else sd, d / files[name])
+    return sd
+
+
+def _train_summary(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        s = json.load(f)
+    return {k: v for k, v in s.items() if k not in _TIME_KEYS}
+
+
+def test_train_tiny_run_end_to_end(tmp_path):
+    pre = _train_fake_imagenet(tmp_path)
+    out = str(tmp_path / "run")
+    p = _train_run(["--model", "resnet18", "--n", "3", "--epochs", "2", "--out", out] + _TRAIN_TINY, tmp_path)
+    assert "resnet18-f37072fd.pth" in p.stdout  # loaded from the hub cache
+    for f in ("config.json", "init.pt", "best.pt", "last.pt", "log.jsonl", "summary.json"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["config"]["n"] == 3 and cfg["config"]["N"] == 6 and cfg["config"]["init"] == "wtst"
+    assert cfg["data"]["metric"] == "quadratic_kappa" and "torch" in cfg["versions"]
+    assert len(cfg["init"]) == 1 + 6 and "WT" in cfg["init"][3] and "ST" in cfg["init"][4]
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["iterations"] == 8 and s["validations"] == 4 and s["epochs_run"] == 2.0
+    assert s["best_iteration"] in (2, 4, 6, 8) and s["convergence_iteration"] == s["best_iteration"]
+    assert isinstance(s["test"]["quadratic_kappa"], float) and s["images_per_second"] > 0
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    vals = [r for r in log if "val" in r]
+    assert [r["iteration"] for r in vals] == [2, 4, 6, 8]
+    assert all(r["train_loss"] == r["train_loss"] for r in log if "train_loss" in r)
+    # init.pt: groups 1..3 are the pretrained tensors, group 4 (layer2) is ST
+    init_sd = torch.load(os.path.join(out, "init.pt"), weights_only=True)["model"]
+    assert torch.equal(init_sd["layer1.0.conv1.weight"], pre["layer1.0.conv1.weight"])
+    assert not torch.equal(init_sd["layer2.0.conv1.weight"], pre["layer2.0.conv1.weight"])
+    assert torch.all(init_sd["layer2.0.bn1.weight"] == 1)
+    # best.pt loads through models.load_pretrained as a --weights source
+    m = models.create_model("resnet18", num_classes=5, img_size=32)
+    rep = models.load_pretrained(m, os.path.join(out, "best.pt"))
+    assert rep["skipped"] == []
+    # an existing run is not overwritten
+    p = _train_run(["--model", "resnet18", "--epochs", "2", "--out", out] + _TRAIN_TINY, tmp_path, check=False)
+    assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_train_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    args = ["--model", "resnet18", "--init", "ri", "--epochs", "6"] + _TRAIN_TINY
+    full = str(tmp_path / "full")
+    _train_run(args + ["--out", full], tmp_path)
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args + ["--out", cut],
+                            env=_train_env(tmp_path), cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(cut, "last.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(cut, "summary.json")), "the run ended before it could be killed"
+    p = _train_run(args + ["--out", cut, "--resume"], tmp_path)
+    assert "resumed" in p.stdout
+    assert _train_summary(cut) == _train_summary(full)
+    assert open(os.path.join(cut, "log.jsonl")).read() == open(os.path.join(full, "log.jsonl")).read()
+    p = _train_run(args + ["--out", cut, "--resume"], tmp_path)
+    assert "already finished" in p.stdout
+
+
+def _train_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_ddp_two_gloo_processes(tmp_path):
+    """2 CPU processes (gloo) see the same global batches as one process: with a
+    LayerNorm-only model the training losses agree; only rank 0 writes."""
+    args = ["--model", "deit_t", "--init", "ri", "--epochs", "1"] + _TRAIN_TINY
+    single = str(tmp_path / "single")
+    _train_run(args + ["--out", single], tmp_path)
+    ddp = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_train_free_port()), os.path.join(ROOT, "train.py")] + args + ["--out", ddp]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_train_env(tmp_path), cwd=str(tmp_path), timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    cfg = json.load(open(os.path.join(ddp, "config.json")))["config"]
+    assert cfg["world_size"] == 2
+    a = [json.loads(l) for l in open(os.path.join(single, "log.jsonl"))]
+    b = [json.loads(l) for l in open(os.path.join(ddp, "log.jsonl"))]
+    assert len(a) == len(b)  # one writer: no duplicated lines
+    for ra, rb in zip(a, b):
+        if "train_loss" in ra:
+            assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4, abs=1e-5)
+        else:
+            assert ra["val"]["loss"] == pytest.approx(rb["val"]["loss"], rel=1e-4, abs=1e-5)
+    assert not [f for f in os.listdir(ddp) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "resnet99"], "--model 'resnet99'"),
+    (["--model", "resnet18", "--data", "mnist"], "--data 'mnist'"),
+    (["--model", "resnet18", "--n", "9"], "0..6"),
+    (["--model", "resnet18", "--data", "aptos", "--data-root", "/nonexistent/APTOS"], "/nonexistent/APTOS"),
+    (["--model", "resnet18", "--weights", "/nonexistent/w.pt"], "/nonexistent/w.pt"),
+    (["--model", "resnet18", "--init", "st", "--n", "3"], "--init st"),
+])
+def test_train_bad_input_one_line_exit_2(tmp_path, extra, message):
+    args = [a for a in _TRAIN_TINY if a not in ("synthetic",)]
+    args = _TRAIN_TINY + ["--epochs", "1", "--out", str(tmp_path / "bad")] + extra
+    p = _train_run(args, tmp_path, check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], p.stderr
+
+
+def test_train_mismatched_weights_and_nan_loss(tmp_path):
+    # a DeiT checkpoint given to a ResNet: the mismatch is listed, exit 2
+    w = tmp_path / "deit.pt"
+    torch.save({"model": models.create_model("deit_t", num_classes=5, img_size=32).state_dict()}, w)
+    p = _train_run(_TRAIN_TINY + ["--model", "resnet18", "--epochs", "1", "--weights", str(w),
+                                  "--out", str(tmp_path / "mm")], tmp_path, check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "deit.pt" in p.stderr, p.stderr
+    # a learning rate that blows the weights up: stop, keep the last good checkpoint, exit 2
+    out = str(tmp_path / "nan")
+    p = _train_run(_TRAIN_TINY + ["--model", "resnet18", "--init", "ri", "--epochs", "3", "--lr", "1e25",
+                                  "--warmup", "1", "--clip", "0", "--out", out], tmp_path, check=False)
+    assert p.returncode == 2 and "non-finite" in p.stderr, p.stdout + p.stderr
+    assert "summary.json" in os.listdir(out)
+
+
+def test_train_epoch_batches_cover_and_resume():
+    s = train.EpochBatches(50, 8, seed=3)
+    s.set_epoch(2)
+    full = list(s)
+    assert len(full) == 6 and len({i for b in full for i, _ in b}) == 48
+    s.set_epoch(2, start=4)
+    assert list(s) == full[4:]
+    s.set_epoch(3)
+    assert list(s) != full
+    # two ranks together see the samples of one process's batch
+    r0, r1 = train.EpochBatches(50, 4, 3, 0, 2), train.EpochBatches(50, 4, 3, 1, 2)
+    for r in (r0, r1):
+        r.set_epoch(2)
+    b0, b1 = next(iter(r0)), next(iter(r1))
+    assert sorted(b0 + b1) == sorted(full[0])
+
+
+# ========================================================================================
+# analyze
+# ========================================================================================
+@pytest.mark.parametrize("name, size", [("deit_t", 32), ("swin_t", 64), ("resnet18", 32), ("inception_v3", 75)])
+def test_analyze_forward_stages_equal_forward(name, size):
+    torch.manual_seed(0)
+    model = models.create_model(name, num_classes=3, img_size=size).eval()
+    x = torch.randn(2, 3, size, size)
+    stages, head = analyze.forward_stages(model)
+    z = x
+    for _, fn in stages:
+        z = fn(z)
+    with torch.no_grad():
+        assert torch.equal(head(z), model(x))
+    # every analysis layer sits in exactly one stage
+    for layer in model.feature_layers():
+        analyze.stage_of(stages, layer)
+
+
+@pytest.fixture(scope="module")
+def analyze_runs(tmp_path_factory):
+    """Tiny real runs: a DeiT-T 'pretrained' on shapes, fine-tuned on synthetic with ST and WT."""
+    root = tmp_path_factory.mktemp("analyze")
+    common = ["--subset", "48", "--img-size", "32", "--batch-size", "16", "--warmup", "4", "--epochs", "1",
+              "--device", "cpu", "--workers", "0"]
+    pre, st, wt = str(root / "pre"), str(root / "st"), str(root / "wt")
+    torch.set_num_threads(1)
+    assert train.main(["--model", "deit_t", "--data", "shapes", "--init", "ri", "--out", pre] + common) == 0
+    for out, init in ((st, "st"), (wt, "wt")):
+        assert train.main(["--model", "deit_t", "--data", "synthetic", "--init", init, "--weights",
+                           os.path.join(pre, "best.pt"), "--out", out] + common) == 0
+    return st, wt
+
+
+def _analyze_load(run, which):
+    cfg, _ = analyze.load_run(run)
+    return analyze.load_model(run, cfg, cfg["num_classes"], which, torch.device("cpu"))
+
+
+def test_analyze_all_metrics_and_cka_reference(analyze_runs):
+    st, wt = analyze_runs
+    a = ["--batch-size", "64", "--k", "5", "--device", "cpu"]
+    assert analyze.main(["--run", wt, "--ref", st, "--metric", "all"] + a) == 0
+    out = os.path.join(wt, "analysis")
+    docs = {m: json.load(open(os.path.join(out, f"{m}.json"))) for m in analyze.METRICS}
+    L = 25
+    cka = docs["cka"]["values"]
+    assert set(cka) == {"init", "ref"} and set(cka["init"]) == {"cls", "patches", "all"}
+    assert np.asarray(cka["ref"]["all"], dtype=float).shape == (L, L)
+    assert len(docs["knn"]["values"]["cls"]) == L and len(docs["reinit"]["values"]["reverted"]) == L
+    assert len(docs["l2"]["values"]) == L and len(docs["attention"]["values"]["per_block"]) == 12
+    assert docs["convergence"]["values"]["best_iteration"] >= 1
+    # one batch holds the whole test split: minibatch CKA = debiased CKA of that batch,
+    # computed here from the raw activations with metrics.cka
+    cfg, _ = analyze.load_run(wt)
+    _, _, test_ds, _ = train.load_splits(cfg)
+    x = torch.stack([test_ds[i][0] for i in range(len(test_ds))])
+    acts = {}
+    for which in ("best", "init"):
+        m, got = _analyze_load(wt, which), {}
+        mods = dict(m.named_modules())
+        hooks = [mods[n].register_forward_hook(lambda mod, i, o, n=n: got.__setitem__(n, o.detach()))
+                 for n in ("blocks.2.attn", "blocks.7.mlp")]
+        with torch.no_grad():
+            m(x)
+        acts[which] = got
+    layers = docs["cka"]["layers"]
+    i, j = layers.index("blocks.2.attn"), layers.index("blocks.7.mlp")
+    for a_name, b_name, (r, c) in (("blocks.2.attn", "blocks.7.mlp", (i, j)), ("blocks.7.mlp", "blocks.7.mlp", (j, j))):
+        fa, fb = acts["best"][a_name], acts["init"][b_name]
+        assert cka["init"]["all"][r][c] == pytest.approx(metrics.cka(fa, fb, debiased=True), abs=1e-6)
+        assert cka["init"]["cls"][r][c] == pytest.approx(metrics.cka(fa[:, :1], fb[:, :1], debiased=True), abs=1e-6)
+        assert cka["init"]["patches"][r][c] == pytest.approx(metrics.cka(fa[:, 1:], fb[:, 1:], debiased=True),
+                                                             abs=1e-6)
+
+
+def test_analyze_reinit_prefix_reuse_equals_full_evaluation(analyze_runs):
+    _, wt = analyze_runs
+    cfg, _ = analyze.load_run(wt)
+    _, _, test_ds, info = train.load_splits(cfg)
+    model = _analyze_load(wt, "best")
+    init_state = train.load_checkpoint(os.path.join(wt, "init.pt"))["model"]
+    args = analyze.parse_args(["--run", wt, "--batch-size", "20"])
+    base, values = analyze.reinit_pass(model, init_state, test_ds, info, args, torch.device("cpu"))
+    final_state = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = analyze.loader(test_ds, args, torch.device("cpu"))
+    assert base == pytest.approx(train.evaluate(model, loader, torch.device("cpu"), None, info)[info["metric"]])
+    for layer, got in list(zip(model.feature_layers(), values))[::6]:
+        reverted = dict(final_state)
+        reverted.update({k: init_state[k] for k in analyze.layer_entries(model, layer)})
+        model.load_state_dict(reverted)
+        want = train.evaluate(model, loader, torch.device("cpu"), None, info)[info["metric"]]
+        assert got == pytest.approx(want, abs=1e-9), layer
+    model.load_state_dict(final_state)  # the pass restored every layer it reverted
+    for k, v in _analyze_load(wt, "best").state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_analyze_bad_input(tmp_path, analyze_runs, capsys):
+    assert analyze.main(["--run", str(tmp_path / "nope")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    st, _ = analyze_runs
+    os.makedirs(tmp_path / "unfinished")
+    with open(os.path.join(st, "config.json")) as f:
+        cfg = f.read()
+    (tmp_path / "unfinished" / "config.json").write_text(cfg)
+    assert analyze.main(["--run", str(tmp_path / "unfinished"), "--metric", "l2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "best.pt" in err[0]
+
+
+# ========================================================================================
+# plots
+# ========================================================================================
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+_PLOTS_LAYERS = {
+    "resnet18": ["conv1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0",
+                 "layer4.1"],
+    "deit_s": ["patch_embed.proj"] + [f"blocks.{i}.{m}" for i in range(12) for m in ("attn", "mlp")],
+    "deit_s_5b": ["patch_embed.proj"] + [f"blocks.{i}.{m}" for i in range(5) for m in ("attn", "mlp")],
+}
+_PLOTS_N = {"resnet18": 6, "deit_s": 14, "deit_s_5b": 7}
+
+
+def _plots_run_cli(*argv, cwd=ROOT, timeout=600):
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _plots_dump(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _plots_write_run(root, model, data, n, seed, analyses=None, ref=None, summary=True):
+    """One run directory in the README's layout, with made-up but well-formed numbers.
+    n=None is a random-init run. ref: (ref_n, ref_init) adds a values['cka']['ref'] block."""
+    N, layers = _PLOTS_N[model], _PLOTS_LAYERS[model]
+    L = len(layers)
+    init = "ri" if n is None else "wt" if n == N else "st" if n == 0 else "wtst"
+    tag = "ri" if n is None else f"n{n}"
+    run = os.path.join(root, f"{model}-{data}-{tag}-s{seed}")
+    rng = np.random.default_rng([seed, L, 0 if n is None else n + 1])
+    frac = 0.0 if n is None else n / N
+    metric = "roc_auc" if data == "synthetic" else "macro_recall"
+    cfg = {"model": model, "data": data, "n": n, "N": N, "init": init, "seed": seed, "split_seed": 0,
+           "img_size": 64, "batch_size": 64, "lr": 1e-4, "out": run, "weights": None if n is None else "imagenet"}
+    info = {"name": data, "classes": ["a", "b"], "num_classes": 2, "multilabel": False, "metric": metric,
+            "loss": "ce", "mean": [0.5] * 3, "std": [0.25] * 3}
+    _plots_dump(os.path.join(run, "config.json"), {"config": cfg, "data": info, "sizes": [64, 32, 32],
+                                                   "init": ["x"], "versions": {}, "format": "wtst-run/1"})
+    test = 0.6 + 0.3 * frac + 0.02 * rng.standard_normal()
+    best_it = int(400 - 250 * frac + 20 * seed)
+    if summary:
+        _plots_dump(os.path.join(run, "summary.json"), {
+            "model": model, "data": data, "init": init, "n": n, "N": N, "seed": seed, "metric": metric,
+            "best_val_metric": test + 0.01, "best_iteration": best_it, "convergence_iteration": best_it,
+            "test": {metric: test, "loss": 0.5}, "iterations": 500, "epochs_run": 5.0, "validations": 10,
+            "stop_reason": "reached --epochs 5", "wall_seconds": 10.0, "train_seconds": 9.0,
+            "images_per_second": 100.0})
+    deit = model.startswith("deit")
+    types = ["cls", "patches", "all"] if deit else ["all"]
+    depth = np.linspace(0, 1, L)
+
+    def cka(Lc, scale):
+        i, j = np.meshgrid(np.arange(L), np.arange(Lc), indexing="ij")
+        m = np.exp(-np.abs(i / L - j / Lc) * 4) * scale + 0.05 * rng.random((L, Lc))
+        m = np.clip(m, 0, 1).tolist()
+        m[0][-1] = None  # an undefined value (constant layer) is null
+        return m
+
+    head = {"run": os.path.abspath(run), "model": model, "data": data, "init": init, "n": n, "N": N, "seed": seed,
+            "layers": layers}
+    docs = {}
+    values = {"init": {t: cka(L, 0.5 + 0.5 * frac) for t in types}}
+    settings = {"batch_size": 128, "mode": "minibatch", "debiased": True}
+    if ref is not None:
+        values["ref"] = {t: cka(L, 0.7) for t in types}
+        settings.update(ref="/x", ref_layers=layers, ref_init=ref[1], ref_n=ref[0])
+    docs["cka"] = dict(head, metric="cka", values=values, settings=settings)
+    docs["knn"] = dict(head, metric="knn", values={t: (0.55 + 0.3 * depth * (0.5 + frac) / 1.5
+                                                       + 0.01 * rng.standard_normal(L)).tolist() for t in types},
+                       settings={"k": 200})
+    reverted = (test - 0.2 * rng.random(L)).tolist()
+    docs["reinit"] = dict(head, metric="reinit", values={"baseline": test, "reverted": reverted,
+                                                         "drop": [test - v for v in reverted]}, settings={})
+    docs["l2"] = dict(head, metric="l2", values=(1e-6 * (1 + 10 * depth) * (2 - frac)).tolist(), settings={})
+    if deit:
+        blocks = [l for l in layers if l.endswith(".attn")]
+        per_head = 20 + 60 * np.linspace(0, 1, len(blocks))[:, None] * (1 - 0.5 * frac) + rng.random((len(blocks), 6))
+        docs["attention"] = dict(head, metric="attention", layers=blocks, settings={"unit": "pixels"},
+                                 values={"per_block": per_head.mean(1).tolist(), "per_head": per_head.tolist()})
+    docs["convergence"] = dict(head, metric="convergence", layers=[], settings={}, values={
+        "best_iteration": best_it, "best_val_metric": test + 0.01, "iterations": 500, "val_metric": metric,
+        "curve": [[100, 0.5], [best_it, test + 0.01]]})
+    for name in (analyses if analyses is not None else docs):
+        _plots_dump(os.path.join(run, "analysis", f"{name}.json"), docs[name])
+    return run
+
+
+def _plots_write_runs(root):
+    """2 models x 3 n values x 2 seeds on 'synthetic' (WT runs with a ref CKA against ST), RI runs,
+    DeiT-S-5b WT, a second dataset with WT runs only, a run missing analyses and an unfinished run."""
+    for model in ("resnet18", "deit_s"):
+        N = _PLOTS_N[model]
+        for seed in (0, 1):
+            for n in (0, N // 2, N):
+                ref = (0, "st") if n == N else None
+                _plots_write_run(root, model, "synthetic", n, seed, ref=ref)
+            _plots_write_run(root, model, "shapes", N, seed)
+        _plots_write_run(root, model, "synthetic", None, 0)
+    for seed in (0, 1):
+        _plots_write_run(root, "deit_s_5b", "synthetic", 7, seed)
+        _plots_write_run(root, "deit_s_5b", "shapes", 7, seed)
+    partial = _plots_write_run(os.path.join(root, "nested", "deeper"), "resnet18", "synthetic", 1, 0,
+                               analyses=["l2"])
+    unfinished = _plots_write_run(root, "resnet18", "synthetic", 2, 0, summary=False)
+    return partial, unfinished
+
+
+def _plots_is_png(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head == PNG_MAGIC and os.path.getsize(path) > 1000
+
+
+def _plots_expected(models, datasets, deit, with_ref=True):
+    names = []
+    for d in datasets:
+        names += [f"sweep_{d}", f"knn_max_{d}", f"convergence_{d}"]
+        for m in models:
+            names += [f"cka_init_{m}_{d}", f"knn_{m}_{d}", f"reinit_{m}_{d}", f"l2_{m}_{d}"]
+            if with_ref:
+                names.append(f"cka_ref_{m}_{d}")
+        for m in deit:
+            names += [f"cka_types_{m}_{d}", f"attention_{m}_{d}"]
+    return names
+
+
+def test_plots_handwritten_runs(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    partial, unfinished = _plots_write_runs(str(runs))
+    res = _plots_run_cli("plots.py", "--runs", str(runs), "--out", str(out), "--format", "png")
+    assert res.returncode == 0, res.stderr
+    files = set(os.listdir(out))
+    expected = _plots_expected(["resnet18", "deit_s"], ["synthetic"], ["deit_s"])
+    expected += _plots_expected(["resnet18", "deit_s", "deit_s_5b"], ["shapes"], ["deit_s", "deit_s_5b"],
+                                with_ref=False)
+    expected += [f"{k}_deit_s_5b_synthetic" for k in ("cka_init", "knn", "reinit", "l2", "attention", "cka_types")]
+    for name in expected:
+        assert name + ".png" in files, f"{name}.png not written; have {sorted(files)}"
+        assert _plots_is_png(os.path.join(out, name + ".png")), name
+    assert len(files) == len(set(expected)) + 2, sorted(files)  # + table.md, table.csv
+    # no ref CKA on 'shapes' -> no cka_ref there; no temp files left behind
+    assert "cka_ref_resnet18_shapes.png" not in files
+    assert not [f for f in files if ".tmp" in f]
+    # every written file is listed, with the output folder
+    assert str(out.resolve()) in res.stdout
+    for f in files:
+        assert f in res.stdout
+    # missing analyses are listed per run; the unfinished run is skipped with a note
+    missing_line = next(l for l in res.stdout.splitlines() if partial in l)
+    for a in ("cka", "knn", "reinit", "convergence"):
+        assert a in missing_line
+    assert "attention" not in missing_line  # not expected for a ResNet
+    assert any(unfinished in l and "summary.json" in l for l in res.stdout.splitlines())
+
+    # Table 4: rows model + init, columns datasets, mean +- std over seeds
+    table = (out / "table.md").read_text()
+    assert "| DeiT-S | WT n=14/14 |" in table and "| DeiT-S-5b | WT n=7/7 |" in table
+    assert "| ResNet18 | RI |" in table and "| ResNet18 | ST n=0/6 |" in table
+    assert "±" in table and "(2)" in table
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["model"], r["init"]) for r in rows}
+    assert {("deit_s", "WT n=14/14"), ("deit_s_5b", "WT n=7/7"), ("resnet18", "WT-ST n=3/6"),
+            ("resnet18", "WT-ST n=1/6"), ("deit_s", "RI")} <= got
+    assert ("resnet18", "WT-ST n=2/6") not in got  # the unfinished run
+    row = next(r for r in rows if r["model"] == "deit_s_5b")
+    assert row["synthetic_runs"] == "2" and row["shapes_runs"] == "2" and 0 < float(row["synthetic_mean"]) < 1
+    # the means are the means over seeds of summary.json's test metric
+    vals = []
+    for seed in (0, 1):
+        with open(runs / f"deit_s_5b-shapes-n7-s{seed}" / "summary.json") as f:
+            vals.append(json.load(f)["test"]["macro_recall"])
+    assert float(row["shapes_mean"]) == pytest.approx(np.mean(vals), rel=1e-5)
+    assert float(row["shapes_std"]) == pytest.approx(np.std(vals, ddof=1), rel=1e-4)
+
+
+def test_plots_formats_and_empty_figures(tmp_path):
+    """Default formats png + pdf; runs with no analyses give only sweep/convergence (from summary.json)
+    and the table: figures without data are not written."""
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    _plots_write_run(str(runs), "resnet18", "synthetic", 6, 0, analyses=[])
+    _plots_write_run(str(runs), "resnet18", "synthetic", 0, 0, analyses=[])
+    res = _plots_run_cli("plots.py", "--runs", str(runs), "--out", str(out), "--spread", "std")
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(out)) == ["convergence_synthetic.pdf", "convergence_synthetic.png", "sweep_synthetic.pdf",
+                                       "sweep_synthetic.png", "table.csv", "table.md"]
+    assert _plots_is_png(out / "sweep_synthetic.png")
+    with open(out / "sweep_synthetic.pdf", "rb") as f:
+        assert f.read(5) == b"%PDF-"
+    assert res.stdout.count("cka, knn, reinit, l2, convergence") == 2
+
+
+def test_plots_unreadable_analysis_and_mixed_settings(tmp_path):
+    """A broken analysis file is listed as unreadable (not fatal); seeds averaged together that
+    differ in their settings get a note."""
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    a = _plots_write_run(str(runs), "resnet18", "synthetic", 6, 0)
+    b = _plots_write_run(str(runs), "resnet18", "synthetic", 6, 1)
+    with open(os.path.join(a, "analysis", "knn.json"), "w") as f:
+        f.write("{not json")
+    with open(os.path.join(b, "analysis", "l2.json"), "w") as f:
+        json.dump({"values": {"wrong": "shape"}}, f)
+    cfg_path = os.path.join(b, "config.json")
+    with open(cfg_path) as f:
+        doc = json.load(f)
+    doc["config"]["img_size"] = 32
+    _plots_dump(cfg_path, doc)
+    res = _plots_run_cli("plots.py", "--runs", str(runs), "--out", str(out), "--format", "png")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(a in l and "knn (unreadable" in l for l in lines), res.stdout
+    assert any(b in l and "l2 (unreadable" in l for l in lines), res.stdout
+    assert any("differ in img_size" in l for l in lines), res.stdout
+    files = os.listdir(out)
+    assert "knn_resnet18_synthetic.png" in files and "l2_resnet18_synthetic.png" in files  # from the other seed
+
+
+def test_plots_bad_input(tmp_path):
+    for argv in (["--runs", str(tmp_path / "nope")], ["--runs", str(tmp_path)],
+                 ["--runs", str(tmp_path), "--format", "gif"]):
+        res = _plots_run_cli("plots.py", *argv, "--out", str(tmp_path / "figs"))
+        assert res.returncode == 2, (argv, res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("plots.py: error:") and "--" in lines[0], res.stderr
+    # a folder of unfinished runs only is also "no runs"
+    _plots_write_run(str(tmp_path / "r"), "resnet18", "synthetic", 0, 0, summary=False)
+    res = _plots_run_cli("plots.py", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "figs"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_plots_no_torch_import():
+    code = "import sys, plots; assert 'torch' not in sys.modules; import matplotlib; print(matplotlib.get_backend())"
+    res = _plots_run_cli("-c", code)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().lower() == "agg"
+    res = _plots_run_cli("plots.py", "--help")
+    assert res.returncode == 0 and "--runs" in res.stdout and "--format" in res.stdout
+
+
+def test_plots_end_to_end_tiny_runs(tmp_path):
+    """Real tiny runs: train.py (ST, WT-ST, WT from a local checkpoint) and analyze.py --metric all
+    (WT also with --ref the ST run), called in-process through their main(), then plots.py."""
+    import torch
+    import analyze
+    import models
+    import train
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    common = ["--data", "synthetic", "--subset", "32", "--img-size", "32", "--epochs", "1", "--batch-size", "16",
+              "--warmup", "5", "--runs-dir", str(runs), "--device", "cpu"]
+    for model in ("resnet18", "deit_t"):
+        torch.manual_seed(0)  # stands in for the ImageNet checkpoint (no downloads in tests)
+        weights = str(tmp_path / f"{model}-pretrained.pt")
+        torch.save({"model": models.create_model(model, num_classes=1000, img_size=32).state_dict()}, weights)
+        inits = [["--init", "st"], ["--init", "wt"]] + ([["--n", "3"]] if model == "resnet18" else [])
+        for init in inits:
+            assert train.main(["--model", model, *init, "--weights", weights, *common]) == 0
+    N = {"resnet18": 6, "deit_t": 14}
+    a = ["--batch-size", "16", "--k", "10", "--device", "cpu"]
+    for model in N:
+        st, wt = str(runs / f"{model}-synthetic-n0-s0"), str(runs / f"{model}-synthetic-n{N[model]}-s0")
+        assert analyze.main(["--run", st, "--metric", "all", *a]) == 0
+        assert analyze.main(["--run", wt, "--ref", st, "--metric", "all", *a]) == 0
+    partial = str(runs / "resnet18-synthetic-n3-s0")
+    assert analyze.main(["--run", partial, "--metric", "l2", *a]) == 0  # the others stay missing
+
+    res = _plots_run_cli("plots.py", "--runs", str(runs), "--out", str(out), "--format", "png")
+    assert res.returncode == 0, res.stderr
+    files = set(os.listdir(out))
+    for name in _plots_expected(["resnet18", "deit_t"], ["synthetic"], ["deit_t"]):
+        assert name + ".png" in files, f"{name}.png not written; have {sorted(files)}"
+        assert _plots_is_png(os.path.join(out, name + ".png")), name
+    missing_line = next(l for l in res.stdout.splitlines() if partial in l)
+    assert "cka" in missing_line and "knn" in missing_line and "l2" not in missing_line
+    table = (out / "table.md").read_text()
+    assert "| ResNet18 | WT n=6/6 |" in table and "| ResNet18 | WT-ST n=3/6 |" in table
+    assert "| DeiT-T | ST n=0/14 |" in table
