@@ -41,6 +41,7 @@ for seed in $SEEDS; do
     [ "$n" = "$last" ] && ref=(--ref "$RUNS/$MODEL-synthetic-n$first-s$seed")  # WT vs ST
     $PY analyze.py --run "$RUNS/$MODEL-synthetic-n$n-s$seed" --metric all "${ref[@]}" --device cpu
   done
+  $PY analyze.py --run "$RUNS/$MODEL-synthetic-ri-s$seed" --metric all --device cpu
 done
 
 echo "== 4/4 figures"
