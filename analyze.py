@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm as progress_bar
 
 import metrics
 import models
@@ -279,13 +280,6 @@ def reinit_pass(model, init_state, test_ds, info, args, device):
     return score(base_scores), [score(p) for p in layer_scores]
 
 
-def norm_keys(model):
-    """State-dict names inside normalisation layers (left out of the l2 distance)."""
-    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
-    return {f"{m}.{k}" for m, mod in model.named_modules() if isinstance(mod, norms)
-            for k, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))}
-
-
 def convergence(run):
     """Iterations to the best validation metric, and the validation curve, from log.jsonl."""
     curve = []
@@ -301,11 +295,8 @@ def convergence(run):
 
 # ----------------------------------------------------------------------------- main
 def tqdm(it, desc):
-    try:
-        from tqdm import tqdm as bar
-        return bar(it, desc=desc, leave=False, disable=None)
-    except ImportError:
-        return it
+    """A progress bar on a terminal, nothing in logs."""
+    return progress_bar(it, desc=desc, leave=False, disable=None)
 
 
 def nan_to_none(x):
@@ -391,7 +382,7 @@ def analyze(args):
     layers = final.feature_layers()
 
     if "l2" in todo:
-        d = metrics.l2_distance(init_state, final.state_dict(), layers, norm_keys=norm_keys(final))
+        d = metrics.l2_distance(init_state, final.state_dict(), layers, norm_keys=metrics.norm_param_names(final))
         written.append(write(run, "l2", cfg, layers, [d[l] for l in layers],
                              {"definition": "||W_init - W_final||_2 / number of weights, non-norm tensors"}))
         print(f"{run}: l2 distance per layer (x1e-6)")

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 import data
 import metrics
@@ -101,9 +102,12 @@ class SeededItems(Dataset):
 
     def __getitem__(self, item):
         i, s = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+        state = torch.get_rng_state()  # (torch.random.fork_rng + manual_seed cost 30x more)
+        torch.default_generator.manual_seed(s)
+        try:
             return self.ds[i]
+        finally:
+            torch.set_rng_state(state)
 
 
 def subset(ds, n, seed):
@@ -395,7 +399,9 @@ class Trainer:
         while p["epoch"] < cfg["epochs"]:
             self.sampler.set_epoch(p["epoch"], p["pos"])
             t0 = time.perf_counter()
-            for x, y in self.train_loader:
+            bar = tqdm(self.train_loader, desc=f"epoch {p['epoch'] + 1}/{cfg['epochs']}", leave=False,
+                       disable=None if self.main else True)  # shown on a terminal, off in logs
+            for x, y in bar:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
                 if self.device.type == "cuda" and x.ndim == 4 and cfg["model"].startswith(("resnet", "inception")):
