@@ -170,7 +170,7 @@ def test_pass(run_models, test_ds, info, args, device, todo):
         if "knn" in todo:
             for t in types:
                 for i in range(L):
-                    queries[t][i].append(taps["final"].pooled[t][i])
+                    queries[t][i].append(taps["final"].pooled[t][i].half())  # as the bank: bounded memory
         if "attention" in todo:
             sums = torch.stack([taps["final"].attn[i] for i in sorted(taps["final"].attn)])
             attn_sum = sums if attn_sum is None else attn_sum + sums
@@ -423,7 +423,7 @@ def analyze(args):
                 values[t] = []
                 for i in range(len(layers)):
                     scores = metrics.knn_predict(bank[t][i].to(device).float(), bank_labels.to(device),
-                                                 queries[t][i].to(device), k=args.k, t=args.temperature,
+                                                 queries[t][i].to(device).float(), k=args.k, t=args.temperature,
                                                  num_classes=info["num_classes"])
                     values[t].append(metrics.task_metric(info["metric"], scores.cpu().numpy(), labels))
             written.append(write(run, "knn", cfg, layers, values, {

@@ -1637,6 +1637,13 @@ def test_train_tiny_run_end_to_end(tmp_path):
     # an existing run is not overwritten
     p = _train_run(["--model", "resnet18", "--epochs", "2", "--out", out] + _TRAIN_TINY, tmp_path, check=False)
     assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
+    # --overwrite replaces the run and drops the old run's analyses
+    os.makedirs(os.path.join(out, "analysis"))
+    open(os.path.join(out, "analysis", "l2.json"), "w").write("{}")
+    _train_run(["--model", "resnet18", "--init", "st", "--epochs", "1", "--out", out, "--overwrite"] + _TRAIN_TINY,
+               tmp_path)
+    assert not os.path.exists(os.path.join(out, "analysis"))
+    assert json.load(open(os.path.join(out, "summary.json")))["init"] == "st"
 
 
 def test_train_resume_after_sigkill_equals_uninterrupted(tmp_path):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -494,10 +495,11 @@ def prepare_out(cfg, resume, overwrite, main):
     exists = os.path.exists(os.path.join(out, "config.json"))
     if exists and not (resume or overwrite):
         raise ValueError(f"run directory {out} exists: pass --resume to continue it or --overwrite to replace it")
-    if main and overwrite:
+    if main and overwrite:  # the old run's files and analyses go; nothing else in the folder is touched
         for f in ("config.json", "init.pt", "best.pt", "last.pt", "log.jsonl", "summary.json"):
             if os.path.exists(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
+        shutil.rmtree(os.path.join(out, "analysis"), ignore_errors=True)
     if main:
         os.makedirs(out, exist_ok=True)
     if resume and exists:
