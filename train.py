@@ -173,7 +173,8 @@ def resolve_config(args, world=1):
     if args.data not in data.DATASETS:
         raise ValueError(f"--data {args.data!r}: expected one of {', '.join(data.DATASETS)}")
     img_size = args.img_size or data.DEFAULT_IMG_SIZE[args.data]
-    N = len(models.create_model(args.model, num_classes=2, img_size=img_size).wtst_groups())
+    with torch.device("meta"):  # only the group count is needed: no memory, no init
+        N = len(models.create_model(args.model, num_classes=2, img_size=img_size).wtst_groups())
     init = args.init
     if init == "ri":
         if args.n is not None:
