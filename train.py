@@ -313,7 +313,9 @@ class Trainer:
         train_ds, val_ds, test_ds = splits
         self.dtype = amp_dtype(cfg, device)
         model.to(device)
-        if device.type == "cuda" and cfg["model"].startswith(("resnet", "inception")):
+        # CNNs run channels_last on CUDA (faster convolutions); decided once, used per batch
+        self.channels_last = device.type == "cuda" and cfg["model"].startswith(("resnet", "inception"))
+        if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -406,7 +408,7 @@ class Trainer:
             for x, y in bar:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
-                if self.device.type == "cuda" and x.ndim == 4 and cfg["model"].startswith(("resnet", "inception")):
+                if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 for g in self.opt.param_groups:
                     g["lr"] = self.sched.lr_at(p["iteration"])
