@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm as progress_bar
 
+import data
 import metrics
 import models
-import train
 
 METRICS = ["cka", "knn", "reinit", "l2", "attention", "convergence"]
 
@@ -51,7 +51,7 @@ def load_model(run, cfg, num_classes, which, device):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing (expected a finished run with init.pt and best.pt)")
     model = models.create_model(cfg["model"], num_classes=num_classes, img_size=cfg["img_size"])
-    model.load_state_dict(train.load_checkpoint(path)["model"])
+    model.load_state_dict(models.read_checkpoint(path)["model"])
     return model.to(device).eval()
 
 
@@ -319,7 +319,7 @@ def write(run, metric, cfg, layers, values, settings):
            "init": cfg["init"], "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"], "layers": layers,
            "values": nan_to_none(values), "settings": settings, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = os.path.join(out, f"{metric}.json")
-    train.save_json(path, doc)
+    data.save_json(path, doc)
     return path
 
 
@@ -375,10 +375,10 @@ def analyze(args):
     needs_data = [m for m in todo if m in ("cka", "knn", "reinit", "attention")]
     if not needs_data and "l2" not in todo:
         return written
-    train_ds, _, test_ds, info = train.load_splits(cfg, eval_train=True) if needs_data else (None, None, None, None)
+    train_ds, _, test_ds, info = data.load_splits(cfg, eval_train=True) if needs_data else (None, None, None, None)
     num_classes = cfg["num_classes"]
     final = load_model(run, cfg, num_classes, "best", device)
-    init_state = train.load_checkpoint(os.path.join(run, "init.pt"))["model"]
+    init_state = models.read_checkpoint(os.path.join(run, "init.pt"))["model"]
     layers = final.feature_layers()
 
     if "l2" in todo:

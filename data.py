@@ -385,11 +385,24 @@ def make_split(ids, heldout, seed, groups=None):
     return {s: sorted(v) for s, v in out.items()}
 
 
-def _atomic_write_json(path, obj):
+def atomic_write(path, write):
+    """Write through a temp file and rename, so a killed process never leaves half a file.
+    write(tmp) writes the temp file; the one atomic-write helper of the toolkit."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    atomic_write(path, write)
 
 
 def _load_or_make_split(name, table, seed, cache_dir):
@@ -414,7 +427,7 @@ def _load_or_make_split(name, table, seed, cache_dir):
         if not v:
             raise ValueError(f"{name}: {len(table.ids)} images are too few for a non-empty {s} split "
                              f"(held-out fraction {heldout})")
-    _atomic_write_json(path, {"dataset": name, "seed": seed, "heldout": heldout,
+    save_json(path, {"dataset": name, "seed": seed, "heldout": heldout,
                               "by": "patient" if table.groups is not None else "image", **parts})
     return parts, path
 
@@ -511,7 +524,7 @@ def ensure_cache(name, table, r, cache_dir, workers=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _atomic_write_json(idx, {**key_src, "key": key, "shape": list(shape)})
+    save_json(idx, {**key_src, "key": key, "shape": list(shape)})
     for old in Path(cache_dir).glob(prefix + "*"):         # stale caches of this dataset and size
         if old not in (npy, idx) and ".tmp" not in old.name:
             try:
@@ -745,3 +758,24 @@ def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True,
                 parts[s] = ImageDataset(src, table.labels[rows], ids, *tfms, name, s)
     info.update(mean=tuple(mean), std=tuple(std), sizes={s: len(d) for s, d in parts.items()})
     return parts["train"], parts["val"], parts["test"], info
+
+
+# ----------------------------------------------------------------------------- a run's splits
+def subset(ds, n, seed):
+    """A seeded random subset of at most n items (for quick runs); keeps `.labels`."""
+    if n is None or n >= len(ds):
+        return ds
+    idx = np.sort(np.random.default_rng([seed, 7]).permutation(len(ds))[:n])
+    sub = torch.utils.data.Subset(ds, idx.tolist())
+    sub.labels = np.asarray(ds.labels)[idx]
+    return sub
+
+
+def load_splits(cfg, eval_train=False):
+    """(train, val, test, info) of a run's settings; analyze.py uses it to see the same images
+    (eval_train: the training split with eval transforms, the k-NN bank)."""
+    train_ds, val_ds, test_ds, info = build_datasets(cfg["data"], cfg["data_root"], img_size=cfg["img_size"],
+                                                     seed=cfg["split_seed"], cache_dir=cfg["cache_dir"])
+    if eval_train:
+        train_ds = eval_view(train_ds)
+    return [subset(d, cfg["subset"], cfg["split_seed"]) for d in (train_ds, val_ds, test_ds)] + [info]

@@ -782,7 +782,7 @@ def create_model(name, num_classes=1000, img_size=224):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
-def _read_checkpoint(path):
+def read_checkpoint(path):
     """torch.load(weights_only=True) with one-line errors that name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -810,13 +810,13 @@ def _fetch_imagenet(name):
     filename = url.rsplit("/", 1)[1]
     path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
     if os.path.isfile(path):
-        return _read_checkpoint(path), path
+        return read_checkpoint(path), path
     try:
         sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True,
                                                 check_hash=False)
     except Exception as e:
         if os.path.isfile(path):  # downloaded but unreadable
-            return _read_checkpoint(path), path
+            return read_checkpoint(path), path
         raise FileNotFoundError(f"could not download {url} ({_first_line(e)}); without network, "
                                 f"place the file by hand at {path}") from None
     return sd, path
@@ -864,7 +864,7 @@ def load_pretrained(model, source="imagenet"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"checkpoint file not found: {source} "
                                     "(expected 'imagenet' or a path to a checkpoint)")
-        raw, where = _read_checkpoint(source), source
+        raw, where = read_checkpoint(source), source
         where_label = source
     sd = _unwrap(raw, where)
     own = model.state_dict()

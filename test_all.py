@@ -1802,7 +1802,7 @@ def test_analyze_all_metrics_and_cka_reference(analyze_runs):
     # one batch holds the whole test split: minibatch CKA = debiased CKA of that batch,
     # computed here from the raw activations with metrics.cka
     cfg, _ = analyze.load_run(wt)
-    _, _, test_ds, _ = train.load_splits(cfg)
+    _, _, test_ds, _ = data.load_splits(cfg)
     x = torch.stack([test_ds[i][0] for i in range(len(test_ds))])
     acts = {}
     for which in ("best", "init"):
@@ -1826,9 +1826,9 @@ def test_analyze_all_metrics_and_cka_reference(analyze_runs):
 def test_analyze_reinit_prefix_reuse_equals_full_evaluation(analyze_runs):
     _, wt = analyze_runs
     cfg, _ = analyze.load_run(wt)
-    _, _, test_ds, info = train.load_splits(cfg)
+    _, _, test_ds, info = data.load_splits(cfg)
     model = _analyze_load(wt, "best")
-    init_state = train.load_checkpoint(os.path.join(wt, "init.pt"))["model"]
+    init_state = models.read_checkpoint(os.path.join(wt, "init.pt"))["model"]
     args = analyze.parse_args(["--run", wt, "--batch-size", "20"])
     base, values = analyze.reinit_pass(model, init_state, test_ds, info, args, torch.device("cpu"))
     final_state = {k: v.clone() for k, v in model.state_dict().items()}

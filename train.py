@@ -34,34 +34,8 @@ FORMAT = "wtst-run/1"
 
 
 # ----------------------------------------------------------------------------- files
-def atomic_write(path, write):
-    """Write through a temp file and rename, so a killed run never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-    atomic_write(path, write)
-
-
 def save_checkpoint(path, obj):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ----------------------------------------------------------------------------- data order
@@ -109,26 +83,6 @@ class SeededItems(Dataset):
             return self.ds[i]
         finally:
             torch.set_rng_state(state)
-
-
-def subset(ds, n, seed):
-    """A seeded random subset of at most n items (for quick runs); keeps `.labels`."""
-    if n is None or n >= len(ds):
-        return ds
-    idx = np.sort(np.random.default_rng([seed, 7]).permutation(len(ds))[:n])
-    sub = torch.utils.data.Subset(ds, idx.tolist())
-    sub.labels = np.asarray(ds.labels)[idx]
-    return sub
-
-
-def load_splits(cfg, eval_train=False):
-    """(train, val, test, info) of a run's settings; analyze.py uses it to see the same images
-    (eval_train: the training split with eval transforms, the k-NN bank)."""
-    train_ds, val_ds, test_ds, info = data.build_datasets(cfg["data"], cfg["data_root"], img_size=cfg["img_size"],
-                                                          seed=cfg["split_seed"], cache_dir=cfg["cache_dir"])
-    if eval_train:
-        train_ds = data.eval_view(train_ds)
-    return [subset(d, cfg["subset"], cfg["split_seed"]) for d in (train_ds, val_ds, test_ds)] + [info]
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -459,7 +413,7 @@ class Trainer:
             dist.barrier()
         test = {}
         if os.path.exists(best):
-            self.model.load_state_dict(load_checkpoint(best)["model"])
+            self.model.load_state_dict(models.read_checkpoint(best)["model"])
             test = evaluate(self.model, self.test_loader, self.device, self.dtype, self.info, self.rank, self.world)
         summary = {"model": self.cfg["model"], "data": self.cfg["data"], "init": self.cfg["init"],
                    "n": self.cfg["n"], "N": self.cfg["N"], "seed": self.cfg["seed"], "metric": self.info["metric"],
@@ -470,7 +424,7 @@ class Trainer:
                    "train_seconds": p["train_seconds"],
                    "images_per_second": p["images"] / p["train_seconds"] if p["train_seconds"] > 0 else None}
         if self.main:
-            save_json(os.path.join(self.out, "summary.json"), summary)
+            data.save_json(os.path.join(self.out, "summary.json"), summary)
         return summary
 
 
@@ -529,19 +483,19 @@ def main(argv=None):
         if args.resume and os.path.exists(os.path.join(out, "summary.json")):
             log(f"{out}: already finished (summary.json exists)")
             return 0
-        *splits, info = load_splits(cfg)
+        *splits, info = data.load_splits(cfg)
         model, init_lines = build_model(cfg, info["num_classes"])
         trainer = Trainer(cfg, model, splits, info, out, device, rank, world, log)
         last = os.path.join(out, "last.pt")
         if args.resume and os.path.exists(last):
-            trainer.load_state(load_checkpoint(last))
+            trainer.load_state(models.read_checkpoint(last))
             log(f"resumed {out} at iteration {trainer.progress['iteration']}")
         elif main_rank:
             if exists and args.resume:  # killed before its first checkpoint: start over
                 for f in ("best.pt", "log.jsonl"):
                     if os.path.exists(os.path.join(out, f)):
                         os.remove(os.path.join(out, f))
-            save_json(os.path.join(out, "config.json"),
+            data.save_json(os.path.join(out, "config.json"),
                       {"config": cfg, "data": {k: v for k, v in info.items() if k != "sizes"},
                        "sizes": [len(d) for d in splits], "init": init_lines, "versions": versions(),
                        "format": FORMAT})
