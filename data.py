@@ -448,19 +448,21 @@ def _read_folder(root):
             count[p, c] = len(files)
         splits[p] = names
         ids += names
-    if skipped:
-        _warn(f"folder: ignored {len(skipped)} file(s) that are not {'/'.join(e[1:] for e in IMAGE_EXTS)} "
-              f"images, e.g. {skipped[0]}")
+    exts = ", ".join(e[1:] for e in IMAGE_EXTS)
     for c in classes:
         if sum(count[p, c] for p in parts) == 0:
+            other = [f for f in skipped if c in f.relative_to(root).parts[:2]]
             raise ValueError(f"folder: class '{c}' has no image file in {' or '.join(str(root / p / c) for p in parts)} "
-                             f"(expected {', '.join(e[1:] for e in IMAGE_EXTS)} files)")
+                             f"(expected {exts} files" + (f"; found {len(other)} other file(s), e.g. {other[0].name})"
+                                                          if other else ")"))
         if given and count["train", c] == 0:
             raise ValueError(f"folder: class '{c}' has no image in {root / 'train' / c} (a class must be trained on)")
     for p in given:
         if not splits[p]:
             raise ValueError(f"folder: {root / p} holds no image (expected <class name>/<image> files in each of "
                              f"train/, val/, test/)")
+    if skipped:
+        _warn(f"folder: ignored {len(skipped)} file(s) that are not {exts} images, e.g. {skipped[0]}")
     t = _Table(ids, np.array(labels, dtype=np.int64), root, root, splits=splits if given else None)
     t.classes = classes
     return t
@@ -612,11 +614,11 @@ def _build_user(name, root, img_size, seed, cache_dir, cache, workers, metric, i
         split_file = cache_dir / f"split_{name}_seed{seed}.json"
         saved = None if table.splits is not None else _read_split(name, split_file, table.ids)
         parts, by = _user_split(name, table, seed, saved)
-        _user_warnings(name, table, parts)
         r = resize_size(img_size)
         npy = ensure_cache(name, table, r, cache_dir, workers) if cache else None
         pos = {i: k for k, i in enumerate(table.ids)}
         mean, std = _train_stats(table, [pos[i] for i in parts["train"]], npy, r)
+        _user_warnings(name, table, parts)                 # after the last possible error
         doc = {"dataset": name, "root": str(root), "seed": seed, "by": by, **parts}
         if saved is None and _read_split(name, split_file, table.ids, quiet=True) != parts:
             save_json(split_file, doc)
