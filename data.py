@@ -524,10 +524,11 @@ def _user_split(name, table, seed, saved=None):
             raise ValueError(f"{name}: {n} patient(s) are too few for non-empty train/val/test splits "
                              f"(held-out fraction {heldout}: at least {_min_units(heldout)} patients are needed)")
     else:
-        parts, by = {"train": [], "val": [], "test": []}, "class"
-        for k in range(len(table.classes)):
-            mine = [i for i, y in zip(table.ids, table.labels) if y == k]
-            for s, v in make_split(mine, heldout, seed).items():
+        parts, by, members = {"train": [], "val": [], "test": []}, "class", {}
+        for i, y in zip(table.ids, table.labels.tolist()):
+            members.setdefault(y, []).append(i)
+        for k in sorted(members):
+            for s, v in make_split(members[k], heldout, seed).items():
                 parts[s] += v
         parts = {s: sorted(v) for s, v in parts.items()}
         if not all(parts.values()):
