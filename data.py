@@ -15,6 +15,15 @@ Layouts read (root = the folder the user passes):
               then root with Path's first folder dropped; U-Zeroes (blank, -1 -> 0); no positive ->
               "No Finding" = 1; split by patient (the 'patientNNNNN' folder in Path)
     camelyon  camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 (HDF5 datasets x, y)
+Your own images (png, jpg, jpeg, bmp, tif; cached as RGB: grey replicated, alpha dropped):
+    folder    <class name>/<image> (classes = sorted folder names, sub-folders searched), or
+              {train,val,test}/<class name>/<image>: then those folders are the split
+    csv       labels.csv (image = path relative to root, label = class name or integer, optional
+              patient: then the split is by patient); integer labels are classes in numeric order
+    The split holds out 0.3 (half val, half test) within each class, or of the patients; the
+    metric defaults to roc_auc (two classes) or macro_recall; mean/std are computed over the
+    training split's cached images, once. Nothing is written before the whole folder (every
+    image decoded) has been checked.
 
 Splits: the held-out part (aptos 0.3, isic 0.2, chexpert 0.2 of the patients) is a seeded
 permutation (numpy default_rng(seed)) of the sorted ids; its first half is val, the rest test
@@ -42,6 +51,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -69,6 +79,15 @@ ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 SHAPE_NAMES = ["circle", "square", "triangle", "cross"]
 TEXTURE_NAMES = ["solid", "stripes", "checker", "dots"]
 
+# your own images: --data folder (D/<class>/<image>) or csv (D/labels.csv); see _read_folder
+USER_DATA = ["folder", "csv"]
+DATASETS += USER_DATA
+DEFAULT_IMG_SIZE.update({d: 224 for d in USER_DATA})
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+FEW_IMAGES = 10              # a class with fewer images is a warning (noisy or missing val/test)
+# the task metrics a single-label dataset can be scored with (train.py --metric)
+SINGLE_LABEL_METRICS = ["quadratic_kappa", "roc_auc", "macro_recall", "accuracy"]
+
 # name -> fixed facts: classes, metric, loss, mean/std, grey files, held-out fraction, layout hint
 _SPECS = {
     "aptos": dict(classes=["No DR", "Mild", "Moderate", "Severe", "Proliferative DR"],
@@ -89,6 +108,12 @@ _SPECS = {
     "shapes": dict(classes=[f"{s}-{t}" for s in SHAPE_NAMES for t in TEXTURE_NAMES],
                    metric="macro_recall", heldout=0.2),
 }
+_SPECS.update(
+    folder=dict(classes=[], metric=None, grey=False, heldout=0.3,
+                layout="<root>/<class name>/<image> or <root>/{train,val,test}/<class name>/<image>"),
+    csv=dict(classes=[], metric=None, grey=False, heldout=0.3,
+             layout="<root>/labels.csv with columns image, label and optionally patient"),
+)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -366,6 +391,246 @@ def _read_chexpert(root):
 _READERS = {"aptos": _read_aptos, "ddsm": _read_ddsm, "isic": _read_isic, "chexpert": _read_chexpert}
 
 
+# ----------------------------------------------------------------------------- your own images
+def display_name(name, root):
+    """How figures and run names call a dataset: the folder's name for folder/csv data."""
+    if name in USER_DATA and root is not None:
+        return Path(root).resolve().name or name
+    return name
+
+
+def _warn(msg):
+    """A one-line warning on stderr (the value is legitimate but surprising)."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _image_files(folder):
+    """Image files under `folder` (recursive, sorted, hidden ones skipped) and the other files."""
+    images, other = [], []
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if not f.startswith("."):
+                (images if Path(f).suffix.lower() in IMAGE_EXTS else other).append(Path(here) / f)
+    return images, other
+
+
+def _subfolders(folder):
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_classes(name, classes, where):
+    if len(classes) < 2:
+        raise ValueError(f"{name}: {where} has {len(classes)} class(es) {classes} "
+                         f"(expected at least two; layout {_SPECS[name]['layout']})")
+
+
+def _read_folder(root):
+    """ImageFolder convention: classes are the sorted folder names. When root/train, val and
+    test exist they are the split (each with the class folders)."""
+    given = [s for s in ("train", "val", "test") if (root / s).is_dir()]
+    if given and len(given) < 3:
+        missing = [s + "/" for s in ("train", "val", "test") if s not in given]
+        raise ValueError(f"folder: {root} has {', '.join(s + '/' for s in given)} but no {', '.join(missing)} "
+                         f"(expected all of train/, val/, test/, each with the class folders, or the class folders directly)")
+    parts = given or [""]
+    classes = sorted(set().union(*(_subfolders(root / p) for p in parts)))
+    _check_classes("folder", classes, f"{root}" + (" (train/, val/, test/ together)" if given else ""))
+    ids, labels, splits, skipped = [], [], {}, []
+    count = {(p, c): 0 for p in parts for c in classes}
+    for p in parts:
+        names = []
+        for k, c in enumerate(classes):
+            files, other = _image_files(root / p / c) if (root / p / c).is_dir() else ([], [])
+            skipped += other
+            names += [f.relative_to(root).as_posix() for f in files]
+            labels += [k] * len(files)
+            count[p, c] = len(files)
+        splits[p] = names
+        ids += names
+    exts = ", ".join(e[1:] for e in IMAGE_EXTS)
+    for c in classes:
+        if sum(count[p, c] for p in parts) == 0:
+            other = [f for f in skipped if c in f.relative_to(root).parts[:2]]
+            raise ValueError(f"folder: class '{c}' has no image file in {' or '.join(str(root / p / c) for p in parts)} "
+                             f"(expected {exts} files" + (f"; found {len(other)} other file(s), e.g. {other[0].name})"
+                                                          if other else ")"))
+        if given and count["train", c] == 0:
+            raise ValueError(f"folder: class '{c}' has no image in {root / 'train' / c} (a class must be trained on)")
+    for p in given:
+        if not splits[p]:
+            raise ValueError(f"folder: {root / p} holds no image (expected <class name>/<image> files in each of "
+                             f"train/, val/, test/)")
+    if skipped:
+        _warn(f"folder: ignored {len(skipped)} file(s) that are not {exts} images, e.g. {skipped[0]}")
+    t = _Table(ids, np.array(labels, dtype=np.int64), root, root, splits=splits if given else None)
+    t.classes = classes
+    return t
+
+
+def _read_user_csv(root):
+    """root/labels.csv: image (path relative to root), label (class name or integer), optional
+    patient (then the split is by patient). Integer labels are classes in numeric order."""
+    path = root / "labels.csv"
+    rows = _read_csv(path, ["image", "label"], "csv")
+    by_patient = "patient" in rows[0][1]
+    ids, raw, groups = [], [], []
+    for line, row in rows:
+        for col in ["image", "label"] + (["patient"] if by_patient else []):
+            if not (row[col] or "").strip():
+                raise ValueError(f"csv: {path} line {line} has no {col} (expected a value in every row)")
+        ids.append(row["image"].strip())
+        raw.append(row["label"].strip())
+        if by_patient:
+            groups.append(row["patient"].strip())
+    _no_duplicates(ids, path, "csv")
+    numeric = all(re.fullmatch(r"[+-]?\d+(\.0*)?", v) for v in raw)
+    keys = [int(float(v)) for v in raw] if numeric else raw
+    values = sorted(set(keys))
+    classes = [str(v) for v in values]
+    _check_classes("csv", classes, f"{path} (column label)")
+    missing = [i for i in ids if not (root / i).is_file()]
+    if missing:
+        raise FileNotFoundError(f"csv: {len(missing)} of {len(ids)} images listed in {path} do not exist: "
+                                f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} "
+                                f"(expected paths relative to {root})")
+    index = {v: k for k, v in enumerate(values)}
+    t = _Table(ids, np.array([index[v] for v in keys], dtype=np.int64), root, path,
+               groups=groups if by_patient else None)
+    t.classes = classes
+    return t
+
+
+def _min_units(heldout):
+    """Fewest images (or patients) for which make_split fills all three splits."""
+    m = 1
+    while not (round(m * heldout) >= 2 and m - round(m * heldout) >= 1):
+        m += 1
+    return m
+
+
+def _user_split(name, table, seed, saved=None):
+    """The folder's own split, a saved split covering the images, or a seeded one: by patient
+    when there are patients, else within each class (so every class reaches val and test)."""
+    heldout = _SPECS[name]["heldout"]
+    if table.splits is not None:
+        parts, by = {"train": table.splits["train"], "val": table.splits["val"], "test": table.splits["test"]}, "folders"
+    elif saved is not None:
+        parts, by = saved, "split file"
+    elif table.groups is not None:
+        parts, by = make_split(table.ids, heldout, seed, table.groups), "patient"
+        if not all(parts.values()):
+            n = len(set(table.groups))
+            raise ValueError(f"{name}: {n} patient(s) are too few for non-empty train/val/test splits "
+                             f"(held-out fraction {heldout}: at least {_min_units(heldout)} patients are needed)")
+    else:
+        parts, by, members = {"train": [], "val": [], "test": []}, "class", {}
+        for i, y in zip(table.ids, table.labels.tolist()):
+            members.setdefault(y, []).append(i)
+        for k in sorted(members):
+            for s, v in make_split(members[k], heldout, seed).items():
+                parts[s] += v
+        parts = {s: sorted(v) for s, v in parts.items()}
+        if not all(parts.values()):
+            raise ValueError(f"{name}: {len(table.ids)} images are too few for non-empty train/val/test splits "
+                             f"(held-out fraction {heldout}, taken within each class: at least "
+                             f"{_min_units(heldout)} images in one class are needed)")
+    if not all(parts.values()):             # an edited split file
+        raise ValueError(f"{name}: the saved split has an empty {[s for s, v in parts.items() if not v][0]} split")
+    return parts, by
+
+
+def _user_warnings(name, table, parts):
+    pos = {i: k for k, i in enumerate(table.ids)}
+    counts = np.bincount(table.labels, minlength=len(table.classes))
+    for c, n in zip(table.classes, counts):
+        if n < FEW_IMAGES:
+            _warn(f"{name}: class '{c}' has only {n} image(s) (fewer than {FEW_IMAGES}: its val/test scores are noisy)")
+    for s in ("val", "test"):
+        seen = set(table.labels[[pos[i] for i in parts[s]]].tolist())
+        absent = [c for k, c in enumerate(table.classes) if k not in seen]
+        if absent:
+            _warn(f"{name}: the {s} split has no image of class(es) {', '.join(absent)} "
+                  f"(its {s} metric may be undefined)")
+
+
+def check_metric(name, metric, num_classes, multilabel, what=None):
+    """The task metric: the given one when it fits the task, else an error naming the flag."""
+    what = what or name
+    if multilabel:
+        if metric not in (None, "mean_auc"):
+            raise ValueError(f"--metric {metric}: {what} is multi-label, its metric is mean_auc (leave --metric out)")
+        return "mean_auc"
+    if metric is None:
+        return "roc_auc" if num_classes == 2 else "macro_recall"
+    if metric not in SINGLE_LABEL_METRICS:
+        raise ValueError(f"--metric {metric!r}: expected one of {', '.join(SINGLE_LABEL_METRICS)}")
+    if metric == "roc_auc" and num_classes != 2:
+        raise ValueError(f"--metric roc_auc needs two classes, {what} has {num_classes} "
+                         f"(expected quadratic_kappa, macro_recall or accuracy)")
+    return metric
+
+
+def _mean_std(images):
+    """Per-channel mean and std of uint8 [.., 3] image chunks, in [0, 1] (float64 sums)."""
+    s, s2, n = np.zeros(3), np.zeros(3), 0
+    for x in images:
+        x = np.asarray(x, dtype=np.float64).reshape(-1, 3) / 255.0
+        s, s2, n = s + x.sum(0), s2 + (x * x).sum(0), n + len(x)
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean * mean, 0))
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+def _train_stats(table, rows, npy, r):
+    """Mean/std over the training split's pre-resized images, computed once and stored beside
+    the cache (its name starts with the cache's, so a rebuilt cache drops it)."""
+    key = hashlib.sha1(json.dumps(sorted(table.ids[k] for k in rows)).encode()).hexdigest()[:12]
+    if npy is None:                          # no cache: decode the training images
+        return _mean_std(np.asarray(decode_image(table.resolve(table.ids[k]), "RGB", r)) for k in rows)
+    path = npy.with_name(f"{npy.stem}.mean_std_{key}.json")
+    try:
+        saved = json.loads(path.read_text())
+        return tuple(saved["mean"]), tuple(saved["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    mm, rows = np.load(npy, mmap_mode="r"), np.sort(rows)
+    mean, std = _mean_std(mm[rows[k:k + 256]] for k in range(0, len(rows), 256))
+    save_json(path, {"mean": mean, "std": std, "train_images": len(rows)})
+    return mean, std
+
+
+def _build_user(name, root, img_size, seed, cache_dir, cache, workers, metric, info):
+    """Datasets of a folder or CSV: validate all of it (and decode every image into the cache)
+    before the split file is written; on a bad image nothing is left behind."""
+    table = _read_folder(root) if name == "folder" else _read_user_csv(root)
+    shown = display_name(name, root)
+    info.update(classes=table.classes, num_classes=len(table.classes), display_name=shown,
+                metric=check_metric(name, metric, len(table.classes), False, f"{name} {root}"))
+    _user_split(name, table, seed)                        # too few images: fail before any write
+    fresh = not Path(cache_dir if cache_dir is not None else root / ".wtst_cache").exists()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        split_file = cache_dir / f"split_{name}_seed{seed}.json"
+        saved = None if table.splits is not None else _read_split(name, split_file, table.ids)
+        parts, by = _user_split(name, table, seed, saved)
+        r = resize_size(img_size)
+        npy = ensure_cache(name, table, r, cache_dir, workers) if cache else None
+        pos = {i: k for k, i in enumerate(table.ids)}
+        mean, std = _train_stats(table, [pos[i] for i in parts["train"]], npy, r)
+        _user_warnings(name, table, parts)                 # after the last possible error
+        doc = {"dataset": name, "root": str(root), "seed": seed, "by": by, **parts}
+        if saved is None and _read_split(name, split_file, table.ids, quiet=True) != parts:
+            save_json(split_file, doc)
+    except BaseException:
+        if fresh and cache_dir.is_dir() and not any(cache_dir.iterdir()):
+            cache_dir.rmdir()                               # leave no empty cache folder behind
+        raise
+    info.update(cache_dir=str(cache_dir), split_file=str(split_file), cache_file=npy and str(npy))
+    return _make_parts(name, table, parts, npy, "RGB", r, build_transforms(img_size, mean, std)), mean, std
+
+
 # ----------------------------------------------------------------------------- splits
 def make_split(ids, heldout, seed, groups=None):
     """{"train","val","test"} -> sorted ids. Units (ids, or groups such as patients) are sorted,
@@ -405,6 +670,22 @@ def save_json(path, obj):
     atomic_write(path, write)
 
 
+def _read_split(name, path, ids, quiet=False):
+    """The split saved in `path` when it covers exactly `ids`, else None (warns unless quiet)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        parts = {s: saved[s] for s in ("train", "val", "test")}
+        if sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(ids):
+            return parts
+    except (ValueError, KeyError, TypeError):
+        pass
+    if not quiet:
+        warnings.warn(f"{name}: split file {path} does not match the dataset's images; rewriting it")
+    return None
+
+
 def _load_or_make_split(name, table, seed, cache_dir):
     """The published split (ddsm), else the split file, (re)written when absent or not
     covering exactly the dataset's ids."""
@@ -412,16 +693,9 @@ def _load_or_make_split(name, table, seed, cache_dir):
         return table.splits, None
     heldout = _SPECS[name]["heldout"]
     path = Path(cache_dir) / f"split_{name}_seed{seed}.json"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            parts = {s: saved[s] for s in ("train", "val", "test")}
-            covers = sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(table.ids)
-        except (ValueError, KeyError, TypeError):
-            covers = False
-        if covers:
-            return parts, path
-        warnings.warn(f"{name}: split file {path} does not match the dataset's images; rewriting it")
+    parts = _read_split(name, path, table.ids)
+    if parts is not None:
+        return parts, path
     parts = make_split(table.ids, heldout, seed, table.groups)
     for s, v in parts.items():
         if not v:
@@ -709,14 +983,15 @@ def _build_generated(name, img_size, seed):
 
 
 # ----------------------------------------------------------------------------- entry point
-def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True, workers=None):
+def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True, workers=None, metric=None):
     """(train, val, test, info) for one dataset.
 
     seed: the split seed (and, for the generated tasks, the generation seed). cache_dir: where the
     split file and image cache go (default: default_cache_dir(root)). cache=False decodes and resizes
     the original files on every access (same pixels, much slower). workers: cache-building processes.
-    info: name, classes, num_classes, multilabel, metric, loss, mean, std, sizes, img_size, resize,
-    root, cache_dir, split_file, cache_file."""
+    metric: the task metric (None: the dataset's; folder/csv: roc_auc for two classes, else macro_recall).
+    info: name, display_name, classes, num_classes, multilabel, metric, loss, mean, std, sizes, img_size,
+    resize, root, cache_dir, split_file, cache_file."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}' (expected one of {', '.join(DATASETS)})")
     if not isinstance(img_size, (int, np.integer)) or img_size < 8:
@@ -726,9 +1001,15 @@ def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True,
             "multilabel": name == "chexpert", "metric": spec["metric"],
             "loss": "bce" if name == "chexpert" else "ce", "img_size": int(img_size),
             "resize": resize_size(img_size), "root": None, "cache_dir": None, "split_file": None,
-            "cache_file": None}
+            "cache_file": None, "display_name": name}
+    if name not in USER_DATA and metric is not None:         # folder/csv: once their classes are known
+        info["metric"] = check_metric(name, metric, info["num_classes"], info["multilabel"])
     if name in ("synthetic", "shapes"):
         parts, mean, std = _build_generated(name, img_size, seed)
+    elif name in USER_DATA:
+        root = _check_root(name, root)
+        info["root"] = str(root)
+        parts, mean, std = _build_user(name, root, img_size, seed, cache_dir, cache, workers, metric, info)
     else:
         root = _check_root(name, root)
         mean, std = spec["mean"], spec["std"]
@@ -742,22 +1023,26 @@ def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True,
             cache_dir.mkdir(parents=True, exist_ok=True)
             splits, split_file = _load_or_make_split(name, table, seed, cache_dir)
             info.update(cache_dir=str(cache_dir), split_file=split_file and str(split_file))
-            pos = {i: k for k, i in enumerate(table.ids)}
             r = resize_size(img_size)
             if cache:
                 npy = ensure_cache(name, table, r, cache_dir, workers)
                 info["cache_file"] = str(npy)
             else:
                 _file_entries(name, table)                   # fail early on a missing image
-            parts = {}
-            mode = "L" if spec["grey"] else "RGB"
-            for s, ids in splits.items():
-                rows = [pos[i] for i in ids]
-                src = (_MemmapSource(npy, rows) if cache
-                       else _FileSource([table.resolve(i) for i in ids], mode, r))
-                parts[s] = ImageDataset(src, table.labels[rows], ids, *tfms, name, s)
+            parts = _make_parts(name, table, splits, npy if cache else None, "L" if spec["grey"] else "RGB", r, tfms)
     info.update(mean=tuple(mean), std=tuple(std), sizes={s: len(d) for s, d in parts.items()})
     return parts["train"], parts["val"], parts["test"], info
+
+
+def _make_parts(name, table, splits, npy, mode, r, tfms):
+    """{split: ImageDataset} reading rows of the cache `npy`, or the files when npy is None."""
+    pos = {i: k for k, i in enumerate(table.ids)}
+    parts = {}
+    for s, ids in splits.items():
+        rows = [pos[i] for i in ids]
+        src = _MemmapSource(npy, rows) if npy is not None else _FileSource([table.resolve(i) for i in ids], mode, r)
+        parts[s] = ImageDataset(src, table.labels[rows], ids, *tfms, name, s)
+    return parts
 
 
 # ----------------------------------------------------------------------------- a run's splits
@@ -775,7 +1060,8 @@ def load_splits(cfg, eval_train=False):
     """(train, val, test, info) of a run's settings; analyze.py uses it to see the same images
     (eval_train: the training split with eval transforms, the k-NN bank)."""
     train_ds, val_ds, test_ds, info = build_datasets(cfg["data"], cfg["data_root"], img_size=cfg["img_size"],
-                                                     seed=cfg["split_seed"], cache_dir=cfg["cache_dir"])
+                                                     seed=cfg["split_seed"], cache_dir=cfg["cache_dir"],
+                                                     metric=cfg.get("metric"))
     if eval_train:
         train_ds = eval_view(train_ds)
     return [subset(d, cfg["subset"], cfg["split_seed"]) for d in (train_ds, val_ds, test_ds)] + [info]

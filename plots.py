@@ -90,7 +90,8 @@ def load_run(path, notes):
     except (OSError, ValueError) as e:
         notes.append(f"skipped {path}: unreadable summary.json ({e})")
         return None
-    run = {"dir": path, "model": cfg["model"], "data": cfg["data"], "init": cfg.get("init"),
+    # folder/csv runs are shown (and grouped) under the folder's name
+    run = {"dir": path, "model": cfg["model"], "data": info.get("display_name") or cfg["data"], "init": cfg.get("init"),
            "n": cfg.get("n"), "N": cfg.get("N"), "seed": cfg.get("seed"), "summary": summary,
            "metric": info.get("metric") or summary.get("metric") or "metric", "analysis": {}, "missing": []}
     if run["init"] == "ri":

@@ -30,6 +30,7 @@ import data
 import init
 import metrics
 import models
+import plots
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -1031,6 +1032,253 @@ def test_data_val_test_use_eval_transforms():
     a = train_ds[3][0]
     torch.manual_seed(1)
     assert not torch.equal(a, train_ds[3][0])
+
+
+# ----------------------------------------------------------------------------- your own images (folder, csv)
+_USER_KINDS = {"rgb": ".png", "grey": ".png", "rgba": ".png", "jpg": ".jpg", "16bit": ".png", "bmp": ".bmp",
+               "tif": ".tif"}
+
+
+def _user_img(path, seed, kind, size=(20, 16)):
+    """A small image file of one kind; returns the RGB uint8 array the toolkit must see (before resizing)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    g = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "grey":
+        Image.fromarray(g, "L").save(path)
+        return np.repeat(g[..., None], 3, 2)
+    if kind == "rgba":                                   # alpha is dropped
+        Image.fromarray(np.dstack([rgb, g]), "RGBA").save(path)
+        return rgb
+    if kind == "16bit":                                  # I;16 PNG, scaled back by 1/257 exactly
+        Image.fromarray(g.astype(np.uint16) * 257).save(path)
+        return np.repeat(g[..., None], 3, 2)
+    Image.fromarray(rgb).save(path)
+    return np.asarray(Image.open(path).convert("RGB")) if kind == "jpg" else rgb
+
+
+def _user_folder(root, classes, n, prefix=""):
+    """root/<prefix>/<class>/<k>_<kind><ext>, every kind in turn; {relative path: (label, pixels)}."""
+    truth, kinds = {}, list(_USER_KINDS)
+    for c, name in enumerate(sorted(classes)):
+        for k in range(n):
+            kind = kinds[(k + c) % len(kinds)]
+            rel = f"{prefix}{name}/{k:02d}_{kind}{_USER_KINDS[kind]}"
+            truth[rel] = (c, _user_img(root / rel, 100 * c + k, kind))
+    return truth
+
+
+def _user_csv(root, patients=8, per_patient=2, labels=("normal", "tumour"), column="patient"):
+    """root/labels.csv with image, label (one label per patient) and a patient column."""
+    rows, truth = [], {}
+    for p in range(patients):
+        for k in range(per_patient):
+            rel = f"imgs/p{p:02d}_{k}.png"
+            kind = ["rgb", "grey", "rgba", "16bit"][(p + k) % 4]
+            truth[rel] = (p % len(labels), _user_img(root / rel, 10 * p + k, kind))
+            rows.append([rel, labels[p % len(labels)], f"P{p:03d}"])
+    _data_csv(root / "labels.csv", ["image", "label", column], rows)
+    return truth
+
+
+def _user_mean_std(arrays, r):
+    """Per-channel mean/std by numpy over the images resized to (r, r) as torchvision does."""
+    px = np.concatenate([np.asarray(T.Resize((r, r))(Image.fromarray(a))).reshape(-1, 3) for a in arrays]) / 255
+    return px.mean(0), px.std(0)
+
+
+def _user_files(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_user_folder_labels_split_mean_std_and_cache(tmp_path, capsys):
+    root = tmp_path / "My Skin Set"
+    truth = _user_folder(root, ["nevus", "melanoma"], 10)
+    (root / "nevus" / "notes.txt").write_text("not an image")
+    tr, va, te, info = data.build_datasets("folder", root, img_size=16, seed=0, workers=1)
+    assert "ignored 1 file(s)" in capsys.readouterr().err
+    assert info["classes"] == ["melanoma", "nevus"] and info["num_classes"] == 2
+    assert info["metric"] == "roc_auc" and info["display_name"] == "My Skin Set" and info["loss"] == "ce"
+    assert (len(tr), len(va), len(te)) == (14, 2, 4)          # 0.3 held out within each class: 7/1/2
+    for ds in (tr, va, te):
+        assert sorted(set(ds.labels.tolist())) == [0, 1]      # every class in every split
+        assert all(truth[i][0] == y for i, y in _data_labels_of(ds).items())
+    assert sorted(tr.ids + va.ids + te.ids) == sorted(truth)
+    saved = json.load(open(info["split_file"]))
+    assert {s: saved[s] for s in ("train", "val", "test")} == {"train": tr.ids, "val": va.ids, "test": te.ids}
+    mean, std = _user_mean_std([truth[i][1] for i in tr.ids], info["resize"])
+    assert np.allclose(info["mean"], mean, atol=1e-4) and np.allclose(info["std"], std, atol=1e-4)
+    # grey, RGBA, 16-bit, JPEG, BMP and TIFF items are the by-hand eval tensors of the expected pixels
+    t = T.Compose([T.Resize((info["resize"],) * 2), T.CenterCrop(16), T.ToTensor(), T.Normalize(info["mean"], info["std"])])
+    kinds = set()
+    for ds in (tr, va, te):
+        for k, i in enumerate(ds.ids):
+            kinds.add(i.split("_", 1)[1])
+            assert torch.allclose(data.eval_view(ds)[k][0], t(Image.fromarray(truth[i][1])), atol=1e-6), i
+    assert len(kinds) == 7
+    # a second start reuses the cache and the stored mean/std; cache=False gives the same numbers
+    npy = Path(info["cache_file"])
+    stamp = {p.name: p.stat().st_mtime_ns for p in npy.parent.iterdir()}
+    info2 = data.build_datasets("folder", root, img_size=16, seed=0, workers=1)[3]
+    assert info2 == info and stamp == {p.name: p.stat().st_mtime_ns for p in npy.parent.iterdir()}
+    assert data.build_datasets("folder", root, img_size=16, seed=0, cache=False)[3]["mean"] == info["mean"]
+    # three classes: balanced accuracy by default; --metric overrides; roc_auc needs two classes
+    three = tmp_path / "three"
+    _user_folder(three, ["a", "b", "c"], 5)
+    assert data.build_datasets("folder", three, img_size=16, workers=1)[3]["metric"] == "macro_recall"
+    assert data.build_datasets("folder", three, img_size=16, workers=1, metric="accuracy")[3]["metric"] == "accuracy"
+    _data_expect(ValueError, "roc_auc needs two classes, folder .*three has 3", "folder", three, metric="roc_auc")
+    assert data.build_datasets("aptos", _data_aptos_root(tmp_path), img_size=16, workers=1,
+                               metric="macro_recall")[3]["metric"] == "macro_recall"
+    _data_expect(ValueError, "chexpert is multi-label", "chexpert", tmp_path, metric="accuracy")
+
+
+def _data_aptos_root(tmp_path):
+    _data_aptos(tmp_path / "aptos", n=10)
+    return tmp_path / "aptos"
+
+
+def test_user_folder_presplit(tmp_path):
+    root = tmp_path / "pre"
+    truth = {}
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        truth[split] = _user_folder(root, ["x", "y"], n, prefix=f"{split}/")
+    tr, va, te, info = data.build_datasets("folder", root, img_size=16, workers=1)
+    assert info["classes"] == ["x", "y"] and info["display_name"] == "pre"
+    for ds, split in ((tr, "train"), (va, "val"), (te, "test")):
+        assert sorted(ds.ids) == sorted(truth[split])
+        assert all(truth[split][i][0] == y for i, y in _data_labels_of(ds).items())
+    saved = json.load(open(info["split_file"]))
+    assert saved["by"] == "folders" and saved["test"] == te.ids and saved["test"][0].startswith("test/x/")
+    mean, _ = _user_mean_std([truth["train"][i][1] for i in tr.ids], info["resize"])
+    assert np.allclose(info["mean"], mean, atol=1e-4)
+
+
+def test_user_csv_patient_split_and_labels(tmp_path, capsys):
+    root = tmp_path / "chest"
+    truth = _user_csv(root, patients=12, per_patient=3)
+    tr, va, te, info = data.build_datasets("csv", root, img_size=16, seed=1, workers=1)
+    assert info["classes"] == ["normal", "tumour"] and info["metric"] == "roc_auc" and info["display_name"] == "chest"
+    patient = lambda i: i.split("/")[1].split("_")[0]
+    sets = [{patient(i) for i in ds.ids} for ds in (tr, va, te)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])      # no patient in two splits
+    assert sum(map(len, sets)) == 12 and len(tr) + len(va) + len(te) == 36 and all(sets)
+    for ds in (tr, va, te):
+        assert all(truth[i][0] == y for i, y in _data_labels_of(ds).items())
+    assert json.load(open(info["split_file"]))["by"] == "patient"
+    mean, std = _user_mean_std([truth[i][1] for i in tr.ids], info["resize"])
+    assert np.allclose(info["mean"], mean, atol=1e-4) and np.allclose(info["std"], std, atol=1e-4)
+    capsys.readouterr()
+    # integer labels are classes in numeric order (10 sorts after 2); few images per class: a warning
+    rows = [[f"imgs/p{p // 3:02d}_{p % 3}.png", [2, 10, 3][p % 3]] for p in range(15)]
+    _data_csv(root / "labels.csv", ["image", "label"], rows)
+    tr, va, te, info = data.build_datasets("csv", root, img_size=16, workers=1)
+    assert info["classes"] == ["2", "3", "10"] and info["metric"] == "macro_recall"
+    labels = dict(rows)
+    assert all(info["classes"][y] == str(labels[i]) for i, y in _data_labels_of(tr).items())
+    err = capsys.readouterr().err
+    assert "class '10' has only 5 image(s)" in err and len(err.strip().splitlines()) >= 3
+
+
+def test_user_train_analyze_plots(tmp_path):
+    """train.py on a folder and a CSV set, analyze.py --metric all and plots.py on the folder run."""
+    torch.set_num_threads(1)
+    _user_folder(tmp_path / "derm", ["a", "b", "c"], 10)
+    _user_csv(tmp_path / "chest", patients=10, per_patient=2)
+    common = ["--model", "resnet18", "--init", "ri", "--img-size", "16", "--batch-size", "8", "--warmup", "2",
+              "--epochs", "1", "--device", "cpu", "--workers", "0", "--runs-dir", str(tmp_path / "runs")]
+    assert train.main(common + ["--data", "folder", "--data-root", str(tmp_path / "derm")]) == 0
+    assert train.main(common + ["--data", "csv", "--data-root", str(tmp_path / "chest"), "--metric", "accuracy",
+                                "--subset", "4"]) == 0
+    run = tmp_path / "runs" / "resnet18-derm-ri-s0"                      # named after the folder
+    doc = json.load(open(run / "config.json"))
+    assert doc["data"]["metric"] == "macro_recall" and doc["data"]["display_name"] == "derm"
+    assert doc["config"]["metric"] is None and doc["sizes"] == [21, 3, 6]
+    assert "macro_recall" in _train_summary(run)["test"]
+    chest = tmp_path / "runs" / "resnet18-chest-ri-s0"
+    assert json.load(open(chest / "config.json"))["data"]["metric"] == "accuracy"
+    assert "accuracy" in _train_summary(chest)["test"] and json.load(open(chest / "config.json"))["sizes"] == [4, 2, 4]
+    assert train.main(common + ["--data", "folder", "--data-root", str(tmp_path / "derm"), "--resume"]) == 0
+    assert analyze.main(["--run", str(run), "--metric", "all", "--device", "cpu"]) == 0
+    for a in ("knn", "reinit"):
+        doc = json.load(open(run / "analysis" / f"{a}.json"))
+        assert doc["settings"]["task_metric"] == "macro_recall", a
+    assert plots.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "fig"), "--format", "png"]) == 0
+    assert (tmp_path / "fig" / "sweep_derm.png").is_file() and (tmp_path / "fig" / "knn_resnet18_derm.png").is_file()
+    table = (tmp_path / "fig" / "table.md").read_text()
+    assert "derm (macro recall)" in table and "chest (accuracy)" in table
+
+
+def _user_bad(tmp_path, case):
+    """A bad dataset under tmp_path/d; returns (train.py arguments, expected message)."""
+    d = tmp_path / "d"
+    if case == "one_class":
+        _user_folder(d, ["only"], 10)
+        return ["--data", "folder"], "has 1 class(es) ['only'] (expected at least two"
+    if case == "class_without_image":
+        _user_folder(d, ["a"], 10)
+        (d / "b").mkdir()
+        (d / "b" / "scan.dcm").write_text("x")
+        return ["--data", "folder"], "class 'b' has no image file in"
+    if case == "undecodable":
+        _user_folder(d, ["a", "b"], 10)
+        (d / "b" / "03_broken.png").write_bytes(b"not a png")
+        return ["--data", "folder"], f"cannot decode image {d / 'b' / '03_broken.png'}"
+    if case == "truncated_jpg":
+        _user_folder(d, ["a", "b"], 10)
+        jpg = d / "a" / "03_jpg.jpg"
+        jpg.write_bytes(jpg.read_bytes()[:-200])
+        return ["--data", "folder"], f"cannot decode image {jpg}"
+    if case in ("csv_without_image", "csv_without_label"):
+        _user_csv(d)
+        rows = list(csv.reader(open(d / "labels.csv")))
+        drop = rows[0].index(case.split("_")[-1])
+        _data_csv(d / "labels.csv", [c for k, c in enumerate(rows[0]) if k != drop],
+                  [[v for k, v in enumerate(r) if k != drop] for r in rows[1:]])
+        return ["--data", "csv"], f"labels.csv lacks column(s) {case.split('_')[-1]}"
+    if case == "csv_missing_images":
+        _user_csv(d)
+        for p in ("imgs/p01_0.png", "imgs/p02_1.png", "imgs/p04_0.png", "imgs/p05_0.png"):
+            (d / p).unlink()
+        return ["--data", "csv"], "4 of 16 images listed in"
+    if case == "csv_one_class":
+        _user_csv(d, labels=("normal",))
+        return ["--data", "csv"], "has 1 class(es) ['normal']"
+    if case == "too_few_images":
+        _user_folder(d, ["a", "b"], 4)
+        return ["--data", "folder"], "at least 5 images in one class are needed"
+    if case == "too_few_patients":
+        _user_csv(d, patients=4, per_patient=5)
+        return ["--data", "csv"], "4 patient(s) are too few for non-empty train/val/test splits (held-out fraction 0.3: at least 5"
+    if case == "partial_presplit":
+        _user_folder(d, ["a", "b"], 6, prefix="train/")
+        _user_folder(d, ["a", "b"], 2, prefix="val/")
+        return ["--data", "folder"], "has train/, val/ but no test/"
+    if case == "roc_auc_three_classes":
+        _user_folder(d, ["a", "b", "c"], 10)
+        return ["--data", "folder", "--metric", "roc_auc"], "--metric roc_auc needs two classes"
+    raise AssertionError(case)
+
+
+_USER_BAD = ["one_class", "class_without_image", "undecodable", "truncated_jpg", "csv_without_image",
+             "csv_without_label", "csv_missing_images", "csv_one_class", "too_few_images", "too_few_patients",
+             "partial_presplit", "roc_auc_three_classes"]
+
+
+@pytest.mark.parametrize("case", _USER_BAD)
+def test_user_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
+    args, message = _user_bad(tmp_path, case)
+    before = _user_files(tmp_path)
+    code = train.main(["--model", "resnet18", "--init", "ri", "--img-size", "16", "--device", "cpu",
+                       "--data-root", str(tmp_path / "d"), "--out", str(tmp_path / "run")] + args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert err[0].startswith("train.py: error: ")
+    assert _user_files(tmp_path) == before                 # no run folder, cache or split file
+    if case == "csv_missing_images":
+        assert "imgs/p01_0.png, imgs/p02_1.png, imgs/p04_0.png, ..." in err[0]
 
 
 # ========================================================================================

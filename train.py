@@ -91,7 +91,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help=f"one of {', '.join(models.MODELS)}")
     p.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)}")
-    p.add_argument("--data-root", default=None, help="dataset folder in its published layout (not needed for synthetic/shapes)")
+    p.add_argument("--data-root", default=None, help="dataset folder in its published layout, or your images for folder/csv (not needed for synthetic/shapes)")
+    p.add_argument("--metric", default=None, choices=data.SINGLE_LABEL_METRICS,
+                   help="task metric (default: the dataset's; folder/csv: roc_auc for two classes, else macro_recall)")
     p.add_argument("--n", type=int, default=None, help="WT-ST-n/m: first n module groups WT, the rest ST (default: N, full WT)")
     p.add_argument("--init", choices=["wt", "st", "ri"], default=None, help="shorthand: wt = n=N, st = n=0, ri = random init")
     p.add_argument("--weights", default="imagenet", help="'imagenet' (published checkpoint) or a checkpoint path, e.g. runs/x/best.pt")
@@ -146,7 +148,7 @@ def resolve_config(args, world=1):
     if init != "ri" and args.weights != "imagenet" and not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights {args.weights}: no such checkpoint file (expected 'imagenet' or a path)")
     tag = "ri" if init == "ri" else f"n{n}"
-    out = args.out or os.path.join(args.runs_dir, f"{args.model}-{args.data}-{tag}-s{args.seed}")
+    out = args.out or os.path.join(args.runs_dir, f"{args.model}-{data.display_name(args.data, args.data_root)}-{tag}-s{args.seed}")
     cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "out", "runs_dir")}
     cfg.update(img_size=img_size, n=n, N=N, init=init, out=out, world_size=world,
                weights=None if init == "ri" else args.weights)
@@ -479,11 +481,11 @@ def main(argv=None):
         cfg = resolve_config(args, world)
         out = cfg["out"]
         started = time.time()
+        *splits, info = data.load_splits(cfg)  # checks the whole dataset before the run directory exists
         exists = prepare_out(cfg, args.resume, args.overwrite, main_rank)
         if args.resume and os.path.exists(os.path.join(out, "summary.json")):
             log(f"{out}: already finished (summary.json exists)")
             return 0
-        *splits, info = data.load_splits(cfg)
         model, init_lines = build_model(cfg, info["num_classes"])
         trainer = Trainer(cfg, model, splits, info, out, device, rank, world, log)
         last = os.path.join(out, "last.pt")
