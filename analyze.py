@@ -139,8 +139,9 @@ def prepare(args):
     job = types.SimpleNamespace(device=device, models={}, summary=None, run=None)
     todo = METRICS if args.metric == "all" else [args.metric]
     if args.run:
-        ckpt_flags = [f for f in ("model", "weights", "init_weights", "ref_weights", "ref_model", "out",
-                                  "data", "data_root", "img_size") if getattr(args, f) is not None]
+        ckpt_flags = [f for f in ("model", "weights", "init_weights", "ref_weights", "ref_model", "out", "data",
+                                  "data_root", "img_size", "split_seed", "subset", "cache_dir")
+                      if getattr(args, f) is not None]
         if ckpt_flags:
             raise ValueError(f"--run and --{ckpt_flags[0].replace('_', '-')} exclude each other "
                              "(a run directory names its own model, weights and data)")
@@ -172,6 +173,7 @@ def prepare(args):
         for flag, name in (("--model", args.model), ("--ref-model", args.ref_model)):
             if name is not None and name not in models.MODELS:
                 raise ValueError(f"{flag} {name!r}: expected one of {', '.join(models.MODELS)}")
+        args.data = args.data or "synthetic"
         if args.data not in data.DATASETS:
             raise ValueError(f"--data {args.data!r}: expected one of {', '.join(data.DATASETS)}")
         if args.out is None:
@@ -184,7 +186,7 @@ def prepare(args):
             if args.metric != "all" and need:
                 raise ValueError(f"--init-weights: needed by --metric {need[0]} (the model before fine-tuning)")
             todo = [m for m in todo if m not in need]
-        cfg = {"model": args.model, "data": args.data, "data_root": args.data_root, "split_seed": args.split_seed,
+        cfg = {"model": args.model, "data": args.data, "data_root": args.data_root, "split_seed": args.split_seed or 0,
                "subset": args.subset, "cache_dir": args.cache_dir,
                "img_size": args.img_size or data.DEFAULT_IMG_SIZE[args.data]}
         job.out = os.path.join(args.out, "analysis")
@@ -542,14 +544,14 @@ def build_parser():
     src.add_argument("--ref-weights", default=None, help="a second fine-tuned checkpoint for cross-model CKA")
     src.add_argument("--ref-model", default=None, help="model of --ref-weights (default: --model)")
     src.add_argument("--out", default=None, help="with --weights: folder for OUT/analysis/<metric>.json")
-    src.add_argument("--data", default="synthetic", help=f"with --weights: one of {', '.join(data.DATASETS)} "
-                                                         "(default: %(default)s)")
+    src.add_argument("--data", default=None, help=f"with --weights: one of {', '.join(data.DATASETS)} "
+                                                   "(default: synthetic)")
     src.add_argument("--data-root", default=None, help="with --weights: dataset folder (not needed for "
                                                        "synthetic/shapes)")
     src.add_argument("--img-size", type=int, default=None, help="with --weights: input size (default: the "
                                                                 "dataset's, as train.py)")
-    src.add_argument("--split-seed", type=int, default=0, help="with --weights: seed of the train/val/test split "
-                                                               "(default: %(default)s)")
+    src.add_argument("--split-seed", type=int, default=None, help="with --weights: seed of the train/val/test "
+                                                                  "split (default: 0, as train.py)")
     src.add_argument("--subset", type=int, default=None, help="with --weights: at most this many images per split "
                                                               "(default: all)")
     src.add_argument("--cache-dir", default=None, help="with --weights: image cache folder (default: see data.py)")

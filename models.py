@@ -77,6 +77,23 @@ REFERENCE_MODELS = {
 }
 
 
+# analysis protocol pieces shared by the models with one feature type (Swin, CNNs)
+def _one_type(model):
+    return ["all"]
+
+
+def _whole_output(model, layer, out):
+    return {"all": out}
+
+
+def _global_average_pool(model, layer, out):
+    return {"all": out.mean((2, 3))}  # [B, C, H, W] -> [B, C]
+
+
+def _no_attention(model):
+    return []
+
+
 # ----------------------------------------------------------------------------------------------
 # DeiT (timm VisionTransformer layout)
 
@@ -210,6 +227,7 @@ class VisionTransformer(nn.Module):
             names += [f"blocks.{i}.attn", f"blocks.{i}.mlp"]
         return names
 
+    # analysis protocol (see the module docstring)
     prefers_channels_last = False
 
     def feature_types(self):
@@ -490,13 +508,10 @@ class SwinTransformer(nn.Module):
             names += [f"{name}.attn", f"{name}.mlp"]
         return names
 
+    # analysis protocol (see the module docstring); windowed attention has no attention
+    # distance over the whole image, so no attention layers
     prefers_channels_last = False
-
-    def feature_types(self):
-        return ["all"]
-
-    def feature_views(self, layer, out):
-        return {"all": out}
+    feature_types, feature_views, attention_layers = _one_type, _whole_output, _no_attention
 
     def pooled_views(self, layer, out):
         """Mean over positions: [B, C, H, W] for the patch conv, [B, H, W, C] elsewhere."""
@@ -508,9 +523,6 @@ class SwinTransformer(nn.Module):
             stages += [(f"features.{i}.{j}", b) for j, b in enumerate(f)] \
                 if isinstance(f, nn.Sequential) else [(f"features.{i}", f)]
         return stages, lambda x: self.head(self.norm(x).mean(dim=(1, 2)))
-
-    def attention_layers(self):
-        return []  # windowed attention: no attention distance over the whole image
 
     def _attn_modules(self):
         return [self.get_submodule(f"{name}.attn") for _, _, name in self._blocks()]
@@ -635,25 +647,16 @@ class ResNet(nn.Module):
             names += [f"layer{i}.{j}" for j in range(len(getattr(self, f"layer{i}")))]
         return names
 
+    # analysis protocol (see the module docstring)
     prefers_channels_last = True
-
-    def feature_types(self):
-        return ["all"]
-
-    def feature_views(self, layer, out):
-        return {"all": out}
-
-    def pooled_views(self, layer, out):
-        return {"all": out.mean((2, 3))}  # global average pool
+    feature_types, feature_views, attention_layers = _one_type, _whole_output, _no_attention
+    pooled_views = _global_average_pool
 
     def forward_stages(self):
         stages = [("conv1", self.conv1), ("bn1", lambda x: self.maxpool(self.relu(self.bn1(x))))]
         for i in range(1, 5):
             stages += [(f"layer{i}.{j}", b) for j, b in enumerate(getattr(self, f"layer{i}"))]
         return stages, lambda x: self.fc(torch.flatten(self.avgpool(x), 1))
-
-    def attention_layers(self):
-        return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -842,16 +845,10 @@ class Inception3(nn.Module):
     def feature_layers(self):
         return self._STEM + self._MIXED
 
+    # analysis protocol (see the module docstring)
     prefers_channels_last = True
-
-    def feature_types(self):
-        return ["all"]
-
-    def feature_views(self, layer, out):
-        return {"all": out}
-
-    def pooled_views(self, layer, out):
-        return {"all": out.mean((2, 3))}  # global average pool
+    feature_types, feature_views, attention_layers = _one_type, _whole_output, _no_attention
+    pooled_views = _global_average_pool
 
     def forward_stages(self):
         stem = self._STEM
@@ -859,9 +856,6 @@ class Inception3(nn.Module):
         stages += [(n, getattr(self, n)) for n in stem[3:]] + [("maxpool2", self.maxpool2)]
         stages += [(n, getattr(self, n)) for n in self._MIXED]
         return stages, lambda x: self.fc(torch.flatten(self.dropout(self.avgpool(x)), 1))
-
-    def attention_layers(self):
-        return []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2245,7 +2245,7 @@ def _plots_write_run(root, model, data, n, seed, analyses=None, ref=None, summar
         return m
 
     head = {"run": os.path.abspath(run), "model": model, "data": data, "init": init, "n": n, "N": N, "seed": seed,
-            "layers": layers}
+            "layers": layers, "facts": {"feature_types": types, "has_attention": deit}}
     docs = {}
     values = {"init": {t: cka(L, 0.5 + 0.5 * frac) for t in types}}
     settings = {"batch_size": 128, "mode": "minibatch", "debiased": True}
@@ -2360,6 +2360,17 @@ def test_plots_handwritten_runs(tmp_path):
             vals.append(json.load(f)["test"]["macro_recall"])
     assert float(row["shapes_mean"]) == pytest.approx(np.mean(vals), rel=1e-5)
     assert float(row["shapes_std"]) == pytest.approx(np.std(vals, ddof=1), rel=1e-4)
+
+
+def test_plots_model_facts_from_json():
+    """plots.py takes model facts from the analysis files (never from the model's name); files
+    without "facts" (older analyze.py) are read by their content."""
+    import plots
+    facts = {"feature_types": ["cls", "patches", "all"], "has_attention": True}
+    assert plots.run_facts({"l2": {"values": [], "facts": facts}}) == facts
+    old = {"cka": {"values": {"init": {"cls": [], "patches": [], "all": []}}}, "attention": {"values": {}}}
+    assert plots.run_facts(old) == {"feature_types": ["all", "cls", "patches"], "has_attention": True}
+    assert plots.run_facts({"l2": {"values": []}}) == {"feature_types": ["all"], "has_attention": False}
 
 
 def test_plots_formats_and_empty_figures(tmp_path):
