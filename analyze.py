@@ -95,6 +95,14 @@ def pick_device(flag):
     return device
 
 
+def read_weights(path, where):
+    """A checkpoint file's contents, read once and early (before the data), one-line errors."""
+    try:
+        return models.read_checkpoint(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def load_model(name, num_classes, img_size, source, where, need_head):
     """One of our models with the weights of `source` (a file or a state dict, ours, timm's or
     torchvision's layout), in eval mode on the CPU. need_head: the checkpoint's head must fit
@@ -127,6 +135,79 @@ def facts(model):
     return {"feature_types": model.feature_types(), "has_attention": bool(model.attention_layers())}
 
 
+def run_inputs(args, todo):
+    """--run (and --ref): the run's settings, the JSON header fields, the weights files."""
+    ckpt_flags = [f for f in ("model", "weights", "init_weights", "ref_weights", "ref_model", "out", "data",
+                              "data_root", "img_size", "split_seed", "subset", "cache_dir")
+                  if getattr(args, f) is not None]
+    if ckpt_flags:
+        raise ValueError(f"--run and --{ckpt_flags[0].replace('_', '-')} exclude each other "
+                         "(a run directory names its own model, weights and data)")
+    run = args.run.rstrip("/") or "/"
+    cfg, summary = load_run(run)
+    if summary is None:
+        raise ValueError(f"--run {run}: the run has not finished (no summary.json), so its best.pt is not "
+                         "final; finish it (train.py ... --resume) before analysing it")
+    meta = {"run": os.path.abspath(run), "model": cfg["model"], "data": cfg["data"], "init": cfg["init"],
+            "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"]}
+    src = {"final": (os.path.join(run, "best.pt"), f"--run {run}: best.pt"),
+           "init": (os.path.join(run, "init.pt"), f"--run {run}: init.pt")}
+    if args.ref:
+        ref = args.ref.rstrip("/") or "/"
+        ref_cfg, ref_summary = load_run(ref, "--ref")
+        if ref_summary is None:
+            raise ValueError(f"--ref {ref}: the run has not finished (no summary.json)")
+        for k in ("data", "img_size"):
+            if ref_cfg[k] != cfg[k]:
+                raise ValueError(f"--ref {args.ref}: its {k} {ref_cfg[k]!r} differs from --run's {cfg[k]!r}")
+        src["ref"] = (os.path.join(ref, "best.pt"), f"--ref {ref}: best.pt", ref_cfg["model"], ref_cfg["num_classes"],
+                      {"ref": os.path.abspath(args.ref), "ref_init": ref_cfg["init"], "ref_n": ref_cfg["n"]})
+    return cfg, meta, src, summary, os.path.join(run, "analysis"), todo
+
+
+def checkpoint_inputs(args, todo):
+    """--model/--weights (--init-weights, --ref-weights): settings from the flags, the JSON
+    header fields, the weights files."""
+    if args.model is None or args.weights is None:
+        raise ValueError("expected --run DIR, or --model and --weights (a checkpoint) with --data and --out")
+    if args.ref:
+        raise ValueError("--ref names a run directory: with --weights, give --ref-weights instead")
+    for flag, name in (("--model", args.model), ("--ref-model", args.ref_model)):
+        if name is not None and name not in models.MODELS:
+            raise ValueError(f"{flag} {name!r}: expected one of {', '.join(models.MODELS)}")
+    data_name = args.data or "synthetic"
+    if data_name not in data.DATASETS:
+        raise ValueError(f"--data {data_name!r}: expected one of {', '.join(data.DATASETS)}")
+    for flag, v in (("--img-size", args.img_size), ("--subset", args.subset)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v}: expected an integer >= 1")
+    if args.out is None:
+        raise ValueError("--out: needed with --weights (the analyses go to OUT/analysis/)")
+    if args.metric == "convergence":
+        raise ValueError("--metric convergence: needs a run directory (--run) and its log.jsonl")
+    skip = [m for m in todo if m == "convergence" or (args.init_weights is None and m in ("cka", "l2", "reinit"))]
+    if args.metric != "all" and skip:
+        raise ValueError(f"--init-weights: needed by --metric {skip[0]} (the model before fine-tuning)")
+    if skip:
+        print(f"skipping {', '.join(skip)}: " + ("no --init-weights; " if len(skip) > 1 else "")
+              + "convergence needs a run directory")
+    cfg = {"model": args.model, "data": data_name, "data_root": args.data_root, "split_seed": args.split_seed or 0,
+           "subset": args.subset, "cache_dir": args.cache_dir,
+           "img_size": args.img_size or data.DEFAULT_IMG_SIZE[data_name]}
+    meta = {"run": None, "weights": os.path.abspath(args.weights), "model": args.model, "data": data_name,
+            "init": None, "n": None, "N": None, "seed": None}
+    src = {"final": (read_weights(args.weights, "--weights"), f"--weights {args.weights}")}
+    if args.init_weights:
+        src["init"] = (read_weights(args.init_weights, "--init-weights"), f"--init-weights {args.init_weights}")
+    if args.ref_weights:
+        ref_model = args.ref_model or args.model
+        src["ref"] = (read_weights(args.ref_weights, "--ref-weights"), f"--ref-weights {args.ref_weights}",
+                      ref_model, None,
+                      {"ref": os.path.abspath(args.ref_weights), "ref_model": ref_model, "ref_init": None,
+                       "ref_n": None})
+    return cfg, meta, src, None, os.path.join(args.out, "analysis"), [m for m in todo if m not in skip]
+
+
 def prepare(args):
     """Check every flag and input, read the configs, checkpoints and data: a job holding all
     an analysis needs. Nothing is written here; every error is one line."""
@@ -136,86 +217,30 @@ def prepare(args):
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         raise ValueError(f"--temperature {args.temperature}: expected a finite number > 0")
     device = pick_device(args.device)
-    job = types.SimpleNamespace(device=device, models={}, summary=None, run=None)
     todo = METRICS if args.metric == "all" else [args.metric]
-    if args.run:
-        ckpt_flags = [f for f in ("model", "weights", "init_weights", "ref_weights", "ref_model", "out", "data",
-                                  "data_root", "img_size", "split_seed", "subset", "cache_dir")
-                      if getattr(args, f) is not None]
-        if ckpt_flags:
-            raise ValueError(f"--run and --{ckpt_flags[0].replace('_', '-')} exclude each other "
-                             "(a run directory names its own model, weights and data)")
-        run = args.run.rstrip("/") or "/"
-        cfg, summary = load_run(run)
-        if summary is None:
-            raise ValueError(f"--run {run}: the run has not finished (no summary.json), so its best.pt is not "
-                             "final; finish it (train.py ... --resume) before analysing it")
-        job.run, job.summary, job.out = run, summary, os.path.join(run, "analysis")
-        meta = {"run": os.path.abspath(run), "model": cfg["model"], "data": cfg["data"], "init": cfg["init"],
-                "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"]}
-        final_src, init_src = os.path.join(run, "best.pt"), os.path.join(run, "init.pt")
-        ref_src = None
-        if args.ref:
-            ref = args.ref.rstrip("/") or "/"
-            ref_cfg, ref_summary = load_run(ref, "--ref")
-            if ref_summary is None:
-                raise ValueError(f"--ref {ref}: the run has not finished (no summary.json)")
-            for k in ("data", "img_size"):
-                if ref_cfg[k] != cfg[k]:
-                    raise ValueError(f"--ref {args.ref}: its {k} {ref_cfg[k]!r} differs from --run's {cfg[k]!r}")
-            ref_src, ref_model, ref_classes = os.path.join(ref, "best.pt"), ref_cfg["model"], ref_cfg["num_classes"]
-            ref_meta = {"ref": os.path.abspath(args.ref), "ref_init": ref_cfg["init"], "ref_n": ref_cfg["n"]}
-    else:
-        if args.model is None or args.weights is None:
-            raise ValueError("expected --run DIR, or --model and --weights (a checkpoint) with --data and --out")
-        if args.ref:
-            raise ValueError("--ref names a run directory: with --weights, give --ref-weights instead")
-        for flag, name in (("--model", args.model), ("--ref-model", args.ref_model)):
-            if name is not None and name not in models.MODELS:
-                raise ValueError(f"{flag} {name!r}: expected one of {', '.join(models.MODELS)}")
-        args.data = args.data or "synthetic"
-        if args.data not in data.DATASETS:
-            raise ValueError(f"--data {args.data!r}: expected one of {', '.join(data.DATASETS)}")
-        if args.out is None:
-            raise ValueError("--out: needed with --weights (the analyses go to OUT/analysis/)")
-        if args.metric == "convergence":
-            raise ValueError("--metric convergence: needs a run directory (--run) and its log.jsonl")
-        todo = [m for m in todo if m != "convergence"]
-        if args.init_weights is None:
-            need = [m for m in todo if m in ("cka", "l2", "reinit")]
-            if args.metric != "all" and need:
-                raise ValueError(f"--init-weights: needed by --metric {need[0]} (the model before fine-tuning)")
-            todo = [m for m in todo if m not in need]
-        cfg = {"model": args.model, "data": args.data, "data_root": args.data_root, "split_seed": args.split_seed or 0,
-               "subset": args.subset, "cache_dir": args.cache_dir,
-               "img_size": args.img_size or data.DEFAULT_IMG_SIZE[args.data]}
-        job.out = os.path.join(args.out, "analysis")
-        meta = {"run": None, "weights": os.path.abspath(args.weights), "model": args.model, "data": args.data,
-                "init": None, "n": None, "N": None, "seed": None}
-        final_src, init_src, ref_src = args.weights, args.init_weights, args.ref_weights
-        ref_model = args.ref_model or args.model
-        if ref_src:
-            ref_meta = {"ref": os.path.abspath(ref_src), "ref_model": ref_model, "ref_init": None, "ref_n": None}
-    check_out(job.out, "--out" if args.out else "--run")
+    cfg, meta, src, summary, out, todo = (run_inputs if args.run else checkpoint_inputs)(args, todo)
+    job = types.SimpleNamespace(device=device, models={}, summary=summary, out=out, meta=meta,
+                                run=args.run.rstrip("/") or "/" if args.run else None)
+    check_out(out, "--run" if args.run else "--out")
 
-    # the dataset first: its class count decides the heads
-    needs_data = [m for m in todo if m in ("cka", "knn", "reinit", "attention")]
+    # the data first: for checkpoints, its class count decides the head
     job.train_ds = job.test_ds = job.info = None
-    if needs_data:
+    if any(m in todo for m in ("cka", "knn", "reinit", "attention")):
         split_cfg = {k: cfg.get(k) for k in ("data", "data_root", "img_size", "split_seed", "subset", "cache_dir")}
         split_cfg["split_seed"] = split_cfg["split_seed"] or 0
         try:
             job.train_ds, _, job.test_ds, job.info = data.load_splits(split_cfg, eval_train=True)
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"--data {cfg['data']}: {e}") from None
-    # the run's class count; for checkpoints the dataset's (2 when no analysis scores the
-    # test set: a head of another size is then simply skipped)
+        min_n = 2 if args.biased else 4
+        if "cka" in todo and len(job.test_ds) < min_n:
+            raise ValueError(f"--metric cka: the test split has {len(job.test_ds)} images, CKA needs >= {min_n}")
+    # the run's class count; for checkpoints the dataset's (2 when nothing scores the test set:
+    # a head of another size is then skipped on loading, as it is never used)
     num_classes = cfg["num_classes"] if args.run else (job.info["num_classes"] if job.info else 2)
-    flag = (lambda f: f"--run {job.run}: {f}") if args.run else (lambda f: f)
-    final = load_model(cfg["model"], num_classes, cfg["img_size"], final_src,
-                       flag("best.pt") if args.run else f"--weights {final_src}", need_head="reinit" in todo)
-    if meta["N"] is None:
-        meta["N"] = len(final.wtst_groups())
+    path, where = src["final"]
+    final = load_model(cfg["model"], num_classes, cfg["img_size"], path, where, need_head="reinit" in todo)
+    meta["N"] = meta["N"] if meta["N"] is not None else len(final.wtst_groups())
     if "attention" in todo and not final.attention_layers():
         if args.metric == "attention":
             raise ValueError(f"--metric attention: needs a model with global token attention (DeiT), "
@@ -223,16 +248,13 @@ def prepare(args):
         todo = [m for m in todo if m != "attention"]
     job.models["final"] = final
     if any(m in todo for m in ("cka", "l2", "reinit")):
-        job.models["init"] = load_model(cfg["model"], num_classes, cfg["img_size"], init_src,
-                                        flag("init.pt") if args.run else f"--init-weights {init_src}", False)
-    if ref_src and "cka" in todo:
-        ref_classes = ref_classes if args.run else num_classes
-        job.models["ref"] = load_model(ref_model, ref_classes, cfg["img_size"], ref_src,
-                                       f"--ref {args.ref}: best.pt" if args.run else f"--ref-weights {ref_src}",
-                                       False)
-        job.ref_meta = ref_meta
+        path, where = src["init"]
+        job.models["init"] = load_model(cfg["model"], num_classes, cfg["img_size"], path, where, False)
+    if "ref" in src and "cka" in todo:
+        path, where, ref_model, ref_classes, job.ref_meta = src["ref"]
+        job.models["ref"] = load_model(ref_model, ref_classes or num_classes, cfg["img_size"], path, where, False)
     job.todo = [m for m in ORDER if m in todo]
-    job.meta, job.facts = meta, facts(final)
+    job.facts = facts(final)
     return job
 
 
