@@ -441,7 +441,7 @@ def print_row(label, values, fmt="{:.3f}"):
     print(f"  {label:<16} {vals}")
 
 
-def name(job):
+def label(job):
     return job.run or job.meta["weights"]
 
 
@@ -459,7 +459,7 @@ def convergence(job, args, shared):
     values = {"best_iteration": s["best_iteration"], "best_val_metric": s["best_val_metric"],
               "iterations": s["iterations"], "val_metric": s["metric"],
               "curve": [[it, v.get(s["metric"])] for it, v in curve]}
-    print(f"{name(job)}: convergence: best val {s['metric']} {s['best_val_metric']} "
+    print(f"{label(job)}: convergence: best val {s['metric']} {s['best_val_metric']} "
           f"at iteration {s['best_iteration']} of {s['iterations']}")
     return write(job, "convergence", [], values, {})
 
@@ -469,7 +469,7 @@ def l2(job, args, shared):
     layers = final.feature_layers()
     d = metrics.l2_distance(job.models["init"].state_dict(), final.state_dict(), layers,
                             norm_keys=metrics.norm_param_names(final))
-    print(f"{name(job)}: l2 distance per layer (x1e-6)")
+    print(f"{label(job)}: l2 distance per layer (x1e-6)")
     print_row("l2", [d[l] * 1e6 for l in layers], "{:.2f}")
     return write(job, "l2", layers, [d[l] for l in layers],
                  {"definition": "||W_init - W_final||_2 / number of weights, non-norm tensors"})
@@ -488,7 +488,7 @@ def cka(job, args, shared):
         settings.update(job.ref_meta, ref_layers=job.models["ref"].feature_layers())
     for key, by_type in values.items():
         m = by_type["all"]
-        print(f"{name(job)}: CKA fine-tuned vs {key}, matching layers (diagonal), feature type 'all'")
+        print(f"{label(job)}: CKA fine-tuned vs {key}, matching layers (diagonal), feature type 'all'")
         print_row(key, [m[i, i] if i < m.shape[1] else float("nan") for i in range(m.shape[0])])
     return write(job, "cka", job.models["final"].feature_layers(), values, settings)
 
@@ -511,7 +511,7 @@ def knn(job, args, shared):
                                              shared["queries"][t][i].to(device), k=args.k, t=args.temperature,
                                              num_classes=info["num_classes"])
                 values[t].append(metrics.task_metric(info["metric"], scores.cpu().numpy(), shared["labels"]))
-    print(f"{name(job)}: k-NN {info['metric']} per layer")
+    print(f"{label(job)}: k-NN {info['metric']} per layer")
     for t, v in values.items():
         print_row(t, v)
     return write(job, "knn", layers, values, {
@@ -522,7 +522,7 @@ def knn(job, args, shared):
 def attention(job, args, shared):
     final = job.models["final"]
     per_head = shared["attention"].cpu().numpy()
-    print(f"{name(job)}: mean attention distance per block (px)")
+    print(f"{label(job)}: mean attention distance per block (px)")
     print_row("distance", per_head.mean(1).tolist(), "{:.1f}")
     return write(job, "attention", final.attention_layers(), {"per_block": per_head.mean(1), "per_head": per_head}, {
         "unit": "pixels", "patch_size": final.patch_size, "grid": list(final.grid_size),
@@ -532,7 +532,7 @@ def attention(job, args, shared):
 def reinit(job, args, shared):
     final, info = job.models["final"], job.info
     base, values = reinit_scores(final, job.models["init"].state_dict(), job.test_ds, info, args, job.device)
-    print(f"{name(job)}: test {info['metric']} with one layer reverted to init (baseline {base:.3f})")
+    print(f"{label(job)}: test {info['metric']} with one layer reverted to init (baseline {base:.3f})")
     print_row("reverted", values)
     return write(job, "reinit", final.feature_layers(), {
         "baseline": base, "reverted": values, "drop": [base - v for v in values]},

@@ -2154,7 +2154,7 @@ def test_metrics_capture_any_module_and_streaming():
         whole = {n: (fa[n], fb[n]) for n in names}
     one_batch = metrics.CKAAccumulator(len(names))
     one_batch.update_activations([whole[n][0] for n in names], [whole[n][1] for n in names])
-    assert one_batch.compute()[2, 2] == pytest.approx(metrics.cka(*whole["fc"]), abs=1e-9)
+    assert one_batch.compute()[2, 2] == pytest.approx(metrics.cka(*whole["fc"]), abs=1e-6)  # float32 Grams
     assert acc.n_samples == 24 and acc.compute().shape == (3, 3)
 
 
