@@ -1,240 +1,367 @@
-"""Where are features reused? Run the paper's analyses on a finished run directory.
+"""Where are features reused? Run the paper's analyses on a run directory or on checkpoints.
 
     python analyze.py --run runs/deit_s-aptos-n5-s0 --metric cka
     python analyze.py --run runs/deit_s-aptos-n14-s0 --ref runs/deit_s-aptos-n0-s0 --metric cka
     python analyze.py --run runs/x --metric all
+    python analyze.py --model deit_t --weights FT.pth --init-weights INIT.pth [--ref-weights REF.pth] \\
+        --data synthetic --img-size 224 --metric cka --out DIR
 
-Writes runs/x/analysis/<metric>.json (schema in the README) and prints a short table.
+Writes <run or --out>/analysis/<metric>.json (schema in the README) and prints a short table.
+Checkpoints may be ours, timm's or torchvision's (same state-dict layouts). Everything is
+checked (flags, run files, checkpoints, data) before the first file is written.
 All analyses that look at the test set share one pass over it: each batch goes once through
-the initial, the fine-tuned (and the --ref) model, with every feature layer tapped by a
-forward hook that turns its activation into centred Grams (CKA), pooled features (k-NN) and
-attention distances right away, then frees it.
+the fine-tuned, the initial (and the reference) model, with every feature layer captured
+(metrics.capture) and reduced at once to centred Grams (CKA), pooled features (k-NN) and
+attention distances. What differs between models is asked of the model (the protocol in
+models.py), so this file has no model-specific code.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+import types
+import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm as progress_bar
+from tqdm import tqdm
 
 import data
 import metrics
 import models
 
 METRICS = ["cka", "knn", "reinit", "l2", "attention", "convergence"]
+ORDER = ["convergence", "l2", "cka", "knn", "attention", "reinit"]  # the order they are written in
+SHARED_PASS = ("cka", "knn", "attention")  # computed in one pass over the test split
 
 
-# ----------------------------------------------------------------------------- runs
-def load_run(run):
-    """config.json and summary.json of a run directory, with clear errors."""
+def warn(msg):
+    print(f"analyze.py: warning: {msg}", file=sys.stderr)
+
+
+def progress(it, desc):
+    """A progress bar on a terminal, nothing in logs."""
+    return tqdm(it, desc=desc, leave=False, disable=None)
+
+
+# ----------------------------------------------------------------------------- inputs
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def load_run(run, flag="--run"):
+    """config.json (settings and num_classes) and summary.json (None if unfinished) of a run
+    directory, with one-line errors."""
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--run {run}: no config.json (expected a run directory written by train.py)")
-    with open(path) as f:
-        doc = json.load(f)
-    cfg = dict(doc["config"], num_classes=doc["data"]["num_classes"])
+        raise FileNotFoundError(f"{flag} {run}: no config.json (expected a run directory written by train.py)")
+    doc = read_json(path, flag)
+    try:
+        cfg = dict(doc["config"], num_classes=int(doc["data"]["num_classes"]))
+        for k in ("model", "data", "img_size", "init", "n", "N", "seed"):
+            cfg[k]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{flag} {run}: config.json is not a train.py config (missing or bad {e})") from None
+    if cfg["model"] not in models.MODELS:
+        raise ValueError(f"{flag} {run}: config.json names model {cfg['model']!r}, expected one of "
+                         f"{', '.join(models.MODELS)}")
     summary = None
     if os.path.isfile(os.path.join(run, "summary.json")):
-        with open(os.path.join(run, "summary.json")) as f:
-            summary = json.load(f)
+        summary = read_json(os.path.join(run, "summary.json"), flag)
     return cfg, summary
 
 
-def load_model(run, cfg, num_classes, which, device):
-    """The run's model with the weights of init.pt or best.pt, in eval mode."""
-    path = os.path.join(run, f"{which}.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing (expected a finished run with init.pt and best.pt)")
-    model = models.create_model(cfg["model"], num_classes=num_classes, img_size=cfg["img_size"])
-    model.load_state_dict(models.read_checkpoint(path)["model"])
-    return model.to(device).eval()
+def pick_device(flag):
+    if flag is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise ValueError(f"--device {flag!r}: expected cpu, cuda or cuda:K") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {flag!r}: expected cpu, cuda or cuda:K")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {flag}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
-# ----------------------------------------------------------------------------- feature views
-def is_vit(model):
-    return model.model_name.startswith("deit")
+def read_weights(path, where):
+    """A checkpoint file's contents, read once and early (before the data), one-line errors."""
+    try:
+        return models.read_checkpoint(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
-def token_views(model, out):
-    """A feature layer's output as {feature type: (n, tokens, d) or (n, d...)} tensors.
-    DeiT: 'cls' (token 0), 'patches' (the rest), 'all'; its patch conv has no CLS token,
-    so all three types use its patch tokens there. Other models: 'all' only."""
-    if not is_vit(model):
-        return {"all": out}
-    if out.ndim == 4:  # patch conv [B, D, h, w] -> patch tokens
-        tokens = out.flatten(2).transpose(1, 2)
-        return {"cls": tokens, "patches": tokens, "all": tokens}
-    p = model.num_prefix_tokens
-    return {"cls": out[:, :p], "patches": out[:, p:], "all": out}
+def load_model(name, num_classes, img_size, source, where, need_head):
+    """One of our models with the weights of `source` (a file or a state dict, ours, timm's or
+    torchvision's layout), in eval mode on the CPU. need_head: the checkpoint's head must fit
+    (it scores the test set); otherwise a head of another size is left as created."""
+    model = models.create_model(name, num_classes=num_classes, img_size=img_size)
+    try:
+        report = models.load_pretrained(model, source)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    head = [k for k in report["skipped"] if k.startswith(model.head_name + ".")]
+    if need_head and head:
+        raise ValueError(f"{where}: its head does not fit {num_classes} classes ({head[0]} skipped); "
+                         f"expected weights fine-tuned on this dataset")
+    return model.eval()
 
 
-def pooled_views(model, out):
-    """k-NN features: CNN global average pool; Swin mean over positions; DeiT CLS, mean of
-    patch tokens, and their concatenation."""
-    name = model.model_name
-    if name.startswith(("resnet", "inception")):
-        return {"all": out.mean((2, 3))}
-    if name.startswith("swin"):
-        return {"all": out.mean((1, 2))}
-    if out.ndim == 4:
-        mean = out.mean((2, 3))
-        return {"cls": mean, "patches": mean, "all": mean}
-    cls, patches = out[:, 0], out[:, model.num_prefix_tokens:].mean(1)
-    return {"cls": cls, "patches": patches, "all": torch.cat([cls, patches], 1)}
+def check_out(folder, flag):
+    """The analysis folder can be created and written (checked before anything is)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {folder}: {path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: {path} is not writable")
 
 
-def feature_types(model):
-    return ["cls", "patches", "all"] if is_vit(model) else ["all"]
+def facts(model):
+    """What plots.py needs to know about the model (it reads only JSON)."""
+    return {"feature_types": model.feature_types(), "has_attention": bool(model.attention_layers())}
 
 
-class Taps:
-    """Forward hooks on every feature layer of a model. For each batch, `grams[type][i]`
-    holds layer i's centred Gram (float64), `pooled[type][i]` its pooled features and
-    `attn[i]` its summed attention distance per head; activations are not kept."""
-
-    def __init__(self, model, want_grams=False, want_pooled=False, want_attn=False, debiased=True):
-        self.model, self.debiased = model, debiased
-        self.want = (want_grams, want_pooled, want_attn)
-        self.layers = model.feature_layers()
-        modules = dict(model.named_modules())
-        self.handles = [modules[n].register_forward_hook(self._hook(i)) for i, n in enumerate(self.layers)]
-        self.reset()
-
-    def reset(self):
-        self.grams, self.pooled, self.attn = {}, {}, {}
-
-    def _hook(self, i):
-        def hook(module, inputs, out):
-            want_grams, want_pooled, want_attn = self.want
-            if want_grams:
-                for t, v in token_views(self.model, out).items():
-                    self.grams.setdefault(t, {})[i] = metrics.centered_gram(v.flatten(1), debiased=self.debiased)
-            if want_pooled:
-                for t, v in pooled_views(self.model, out).items():
-                    self.pooled.setdefault(t, {})[i] = v.float().cpu()
-            probs = getattr(module, "attn_probs", None)
-            if want_attn and probs is not None:
-                m = self.model
-                self.attn[i] = metrics.attention_distance_sum(probs, m.grid_size, m.patch_size, m.num_prefix_tokens)
-                module.attn_probs = None  # free it now
-        return hook
-
-    def gram_list(self, t):
-        return [self.grams[t][i] for i in range(len(self.layers))]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+def run_inputs(args, todo):
+    """--run (and --ref): the run's settings, the JSON header fields, the weights files."""
+    ckpt_flags = [f for f in ("model", "weights", "init_weights", "ref_weights", "ref_model", "out", "data",
+                              "data_root", "img_size", "split_seed", "subset", "cache_dir")
+                  if getattr(args, f) is not None]
+    if ckpt_flags:
+        raise ValueError(f"--run and --{ckpt_flags[0].replace('_', '-')} exclude each other "
+                         "(a run directory names its own model, weights and data)")
+    run = args.run.rstrip("/") or "/"
+    cfg, summary = load_run(run)
+    if summary is None:
+        raise ValueError(f"--run {run}: the run has not finished (no summary.json), so its best.pt is not "
+                         "final; finish it (train.py ... --resume) before analysing it")
+    meta = {"run": os.path.abspath(run), "model": cfg["model"], "data": cfg["data"], "init": cfg["init"],
+            "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"]}
+    src = {"final": (os.path.join(run, "best.pt"), f"--run {run}: best.pt"),
+           "init": (os.path.join(run, "init.pt"), f"--run {run}: init.pt")}
+    if args.ref:
+        ref = args.ref.rstrip("/") or "/"
+        ref_cfg, ref_summary = load_run(ref, "--ref")
+        if ref_summary is None:
+            raise ValueError(f"--ref {ref}: the run has not finished (no summary.json)")
+        for k in ("data", "img_size"):
+            if ref_cfg[k] != cfg[k]:
+                raise ValueError(f"--ref {args.ref}: its {k} {ref_cfg[k]!r} differs from --run's {cfg[k]!r}")
+        src["ref"] = (os.path.join(ref, "best.pt"), f"--ref {ref}: best.pt", ref_cfg["model"], ref_cfg["num_classes"],
+                      {"ref": os.path.abspath(args.ref), "ref_init": ref_cfg["init"], "ref_n": ref_cfg["n"]})
+    return cfg, meta, src, summary, os.path.join(run, "analysis"), todo
 
 
+def checkpoint_inputs(args, todo):
+    """--model/--weights (--init-weights, --ref-weights): settings from the flags, the JSON
+    header fields, the weights files."""
+    if args.model is None or args.weights is None:
+        raise ValueError("expected --run DIR, or --model and --weights (a checkpoint) with --data and --out")
+    if args.ref:
+        raise ValueError("--ref names a run directory: with --weights, give --ref-weights instead")
+    for flag, name in (("--model", args.model), ("--ref-model", args.ref_model)):
+        if name is not None and name not in models.MODELS:
+            raise ValueError(f"{flag} {name!r}: expected one of {', '.join(models.MODELS)}")
+    data_name = args.data or "synthetic"
+    if data_name not in data.DATASETS:
+        raise ValueError(f"--data {data_name!r}: expected one of {', '.join(data.DATASETS)}")
+    for flag, v in (("--img-size", args.img_size), ("--subset", args.subset)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v}: expected an integer >= 1")
+    if args.out is None:
+        raise ValueError("--out: needed with --weights (the analyses go to OUT/analysis/)")
+    if args.metric == "convergence":
+        raise ValueError("--metric convergence: needs a run directory (--run) and its log.jsonl")
+    skip = [m for m in todo if m == "convergence" or (args.init_weights is None and m in ("cka", "l2", "reinit"))]
+    if args.metric != "all" and skip:
+        raise ValueError(f"--init-weights: needed by --metric {skip[0]} (the model before fine-tuning)")
+    if skip:
+        print(f"skipping {', '.join(skip)}: " + ("no --init-weights; " if len(skip) > 1 else "")
+              + "convergence needs a run directory")
+    cfg = {"model": args.model, "data": data_name, "data_root": args.data_root, "split_seed": args.split_seed or 0,
+           "subset": args.subset, "cache_dir": args.cache_dir,
+           "img_size": args.img_size or data.DEFAULT_IMG_SIZE[data_name]}
+    meta = {"run": None, "weights": os.path.abspath(args.weights), "model": args.model, "data": data_name,
+            "init": None, "n": None, "N": None, "seed": None}
+    src = {"final": (read_weights(args.weights, "--weights"), f"--weights {args.weights}")}
+    if args.init_weights:
+        src["init"] = (read_weights(args.init_weights, "--init-weights"), f"--init-weights {args.init_weights}")
+    if args.ref_weights:
+        ref_model = args.ref_model or args.model
+        src["ref"] = (read_weights(args.ref_weights, "--ref-weights"), f"--ref-weights {args.ref_weights}",
+                      ref_model, None,
+                      {"ref": os.path.abspath(args.ref_weights), "ref_model": ref_model, "ref_init": None,
+                       "ref_n": None})
+    return cfg, meta, src, None, os.path.join(args.out, "analysis"), [m for m in todo if m not in skip]
+
+
+def prepare(args):
+    """Check every flag and input, read the configs, checkpoints and data: a job holding all
+    an analysis needs. Nothing is written here; every error is one line."""
+    for flag, v, low in (("--batch-size", args.batch_size, 1), ("--k", args.k, 1), ("--workers", args.workers, 0)):
+        if v < low:
+            raise ValueError(f"{flag} {v}: expected an integer >= {low}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise ValueError(f"--temperature {args.temperature}: expected a finite number > 0")
+    device = pick_device(args.device)
+    todo = METRICS if args.metric == "all" else [args.metric]
+    cfg, meta, src, summary, out, todo = (run_inputs if args.run else checkpoint_inputs)(args, todo)
+    job = types.SimpleNamespace(device=device, models={}, summary=summary, out=out, meta=meta,
+                                run=args.run.rstrip("/") or "/" if args.run else None)
+    check_out(out, "--run" if args.run else "--out")
+
+    # the data first: for checkpoints, its class count decides the head
+    job.train_ds = job.test_ds = job.info = None
+    if any(m in todo for m in ("cka", "knn", "reinit", "attention")):
+        split_cfg = {k: cfg.get(k) for k in ("data", "data_root", "img_size", "split_seed", "subset", "cache_dir")}
+        split_cfg["split_seed"] = split_cfg["split_seed"] or 0
+        try:
+            job.train_ds, _, job.test_ds, job.info = data.load_splits(split_cfg, eval_train=True)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--data {cfg['data']}: {e}") from None
+        min_n = 2 if args.biased else 4
+        if "cka" in todo and len(job.test_ds) < min_n:
+            raise ValueError(f"--metric cka: the test split has {len(job.test_ds)} images, CKA needs >= {min_n}")
+    # the run's class count; for checkpoints the dataset's (2 when nothing scores the test set:
+    # a head of another size is then skipped on loading, as it is never used)
+    num_classes = cfg["num_classes"] if args.run else (job.info["num_classes"] if job.info else 2)
+    path, where = src["final"]
+    final = load_model(cfg["model"], num_classes, cfg["img_size"], path, where, need_head="reinit" in todo)
+    meta["N"] = meta["N"] if meta["N"] is not None else len(final.wtst_groups())
+    if "attention" in todo and not final.attention_layers():
+        if args.metric == "attention":
+            raise ValueError(f"--metric attention: needs a model with global token attention (DeiT), "
+                             f"{cfg['model']} has none")
+        todo = [m for m in todo if m != "attention"]
+    job.models["final"] = final
+    if any(m in todo for m in ("cka", "l2", "reinit")):
+        path, where = src["init"]
+        job.models["init"] = load_model(cfg["model"], num_classes, cfg["img_size"], path, where, False)
+    if "ref" in src and "cka" in todo:
+        path, where, ref_model, ref_classes, job.ref_meta = src["ref"]
+        job.models["ref"] = load_model(ref_model, ref_classes or num_classes, cfg["img_size"], path, where, False)
+    job.todo = [m for m in ORDER if m in todo]
+    job.facts = facts(final)
+    return job
+
+
+# ----------------------------------------------------------------------------- the shared pass
 def loader(ds, args, device):
     return DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                       pin_memory=device.type == "cuda")
 
 
-# ----------------------------------------------------------------------------- passes
+def reducer(model, grams=False, pooled=False, attention=False, debiased=True):
+    """A metrics.capture transform: each captured layer output becomes at once its centred
+    Gram per feature type (float64), its pooled features per type (float32, CPU) and, for
+    attention layers, the summed attention distance per head; the activation is not kept."""
+    attn_layers = set(model.attention_layers()) if attention else set()
+
+    def reduce(name, out):
+        r = {}
+        if grams:
+            r["grams"] = {t: metrics.centered_gram(v.flatten(1), debiased=debiased)
+                          for t, v in model.feature_views(name, out).items()}
+        if pooled:
+            r["pooled"] = {t: v.float().cpu() for t, v in model.pooled_views(name, out).items()}
+        if name in attn_layers:
+            module = model.get_submodule(name)
+            r["attn"] = metrics.attention_distance_sum(module.attn_probs, model.grid_size, model.patch_size,
+                                                       model.num_prefix_tokens)
+            module.attn_probs = None  # free it now
+        return r
+    return reduce
+
+
+def captured_layers(model, attention):
+    extra = [n for n in model.attention_layers() if n not in model.feature_layers()] if attention else []
+    return model.feature_layers() + extra
+
+
 @torch.no_grad()
-def test_pass(run_models, test_ds, info, args, device, todo):
-    """One pass over the test set. run_models: {"final": m, "init": m, "ref": m}. Returns
-    CKA accumulators, query features for k-NN, attention sums, and the labels."""
-    final = run_models["final"]
-    types = feature_types(final)
-    taps = {k: Taps(m, want_grams="cka" in todo, debiased=not args.biased,
-                    want_pooled=(k == "final" and "knn" in todo),
-                    want_attn=(k == "final" and "attention" in todo))
-            for k, m in run_models.items()}
-    if "attention" in todo:
-        final.record_attention(True)
-    L = len(final.feature_layers())
+def shared_pass(job, args):
+    """One pass over the test split through every model of the job: CKA accumulators
+    {(other, type, other's type): acc}, k-NN queries {type: [(n, d) float32 per layer]},
+    attention distance per block and head (mean over images), and the labels."""
+    todo, final = job.todo, job.models["final"]
+    want = {"cka": "cka" in todo, "knn": "knn" in todo, "attention": "attention" in todo}
+    layers = final.feature_layers()
     acc = {}
-    for other in [k for k in run_models if k != "final"]:
-        Lo = len(run_models[other].feature_layers())
-        other_types = feature_types(run_models[other])
-        for t in types:
-            t_other = t if t in other_types else "all"
-            acc[(other, t, t_other)] = metrics.CKAAccumulator(L, Lo, debiased=not args.biased, mode=args.cka_mode)
-    queries = {t: [[] for _ in range(L)] for t in types}
+    if want["cka"]:
+        for other in [k for k in job.models if k != "final"]:
+            other_types = job.models[other].feature_types()
+            for t in final.feature_types():
+                t_other = t if t in other_types else "all"
+                acc[(other, t, t_other)] = metrics.CKAAccumulator(
+                    len(layers), len(job.models[other].feature_layers()), debiased=not args.biased, mode=args.cka_mode)
+    run_models = {k: m for k, m in job.models.items() if k == "final" or want["cka"]}
+    queries = {t: [[] for _ in layers] for t in final.feature_types()}
     attn_sum, n_images, labels = None, 0, []
-    for x, y in tqdm(loader(test_ds, args, device), "test pass"):
-        x = x.to(device, non_blocking=True)
-        for k, m in run_models.items():
-            taps[k].reset()
-            m(x)
-        for (other, t, t_other), a in acc.items():
-            a.update(taps["final"].gram_list(t), taps[other].gram_list(t_other))
-        if "knn" in todo:
-            for t in types:
-                for i in range(L):
-                    queries[t][i].append(taps["final"].pooled[t][i].half())  # as the bank: bounded memory
-        if "attention" in todo:
-            sums = torch.stack([taps["final"].attn[i] for i in sorted(taps["final"].attn)])
-            attn_sum = sums if attn_sum is None else attn_sum + sums
-        n_images += x.shape[0]
-        labels.append(y)
-    for t in taps.values():
-        t.remove()
-    if "attention" in todo:
-        final.record_attention(False)
-    queries = {t: [torch.cat(q) for q in qs] for t, qs in queries.items()} if "knn" in todo else None
+    if want["attention"]:
+        final.record_attention(True)
+    try:
+        with contextlib.ExitStack() as stack:
+            acts = {k: stack.enter_context(metrics.capture(
+                m, captured_layers(m, k == "final" and want["attention"]),
+                reducer(m, grams=want["cka"], pooled=(k == "final" and want["knn"]),
+                        attention=(k == "final" and want["attention"]), debiased=not args.biased)))
+                for k, m in run_models.items()}
+            for x, y in progress(loader(job.test_ds, args, job.device), "test pass"):
+                x = x.to(job.device, non_blocking=True)
+                for m in run_models.values():
+                    m(x)
+                for (other, t, t_other), a in acc.items():
+                    a.update([acts["final"][l]["grams"][t] for l in layers],
+                             [acts[other][l]["grams"][t_other] for l in job.models[other].feature_layers()])
+                if want["knn"]:
+                    for t in queries:
+                        for i, l in enumerate(layers):
+                            queries[t][i].append(acts["final"][l]["pooled"][t])
+                if want["attention"]:
+                    sums = torch.stack([acts["final"][l]["attn"] for l in final.attention_layers()])
+                    attn_sum = sums if attn_sum is None else attn_sum + sums
+                n_images += x.shape[0]
+                labels.append(y)
+    finally:
+        if want["attention"]:
+            final.record_attention(False)
+    queries = {t: [torch.cat(q) for q in qs] for t, qs in queries.items()} if want["knn"] else None
     attn = (attn_sum / n_images) if attn_sum is not None else None
-    return acc, queries, attn, torch.cat(labels).numpy()
+    return {"cka": acc, "queries": queries, "attention": attn, "labels": torch.cat(labels).numpy()}
 
 
 @torch.no_grad()
-def bank_pass(model, bank_ds, args, device):
+def bank_features(model, bank_ds, args, device):
     """Pooled features of every feature layer over the k-NN bank (training split, eval
-    transforms), kept as float16 on the CPU: {type: [tensor (n, d) per layer]}."""
-    taps = Taps(model, want_pooled=True)
-    feats = {t: [[] for _ in taps.layers] for t in feature_types(model)}
-    for x, _ in tqdm(loader(bank_ds, args, device), "k-NN bank"):
-        taps.reset()
-        model(x.to(device, non_blocking=True))
-        for t in feats:
-            for i in range(len(taps.layers)):
-                feats[t][i].append(taps.pooled[t][i].half())
-    taps.remove()
+    transforms), float32 on the CPU: {type: [tensor (n, d) per layer]}."""
+    layers = model.feature_layers()
+    feats = {t: [[] for _ in layers] for t in model.feature_types()}
+    with metrics.capture(model, layers, reducer(model, pooled=True)) as acts:
+        for x, _ in progress(loader(bank_ds, args, device), "k-NN bank"):
+            model(x.to(device, non_blocking=True))
+            for t in feats:
+                for i, l in enumerate(layers):
+                    feats[t][i].append(acts[l]["pooled"][t])
     return {t: [torch.cat(f) for f in fs] for t, fs in feats.items()}
 
 
+# ----------------------------------------------------------------------------- re-initialisation
 def layer_entries(model, layer):
     """State-dict names of the parameters and buffers of one analysis layer."""
     return [k for k in model.state_dict() if k.startswith(layer + ".")]
-
-
-def forward_stages(model):
-    """The model's forward as a chain: [(module names, fn)] and a head fn, such that
-    head(fn_k(...fn_1(x))) == model(x). Lets re-initialisation re-run only the stages
-    from the reverted layer on (the prefix before it is unchanged)."""
-    name = model.model_name
-    if name.startswith("deit"):
-        def embed(x):
-            x = model.patch_embed(x)
-            return torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
-        stages = [("patch_embed", embed)] + [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
-        return stages, lambda x: model.head(model.norm(x)[:, 0])
-    if name.startswith("swin"):
-        stages = [("features.0", model.features[0])]
-        for i, f in enumerate(model.features[1:], 1):
-            stages += [(f"features.{i}.{j}", b) for j, b in enumerate(f)] if isinstance(f, torch.nn.Sequential) \
-                else [(f"features.{i}", f)]
-        return stages, lambda x: model.head(model.norm(x).mean(dim=(1, 2)))
-    if name.startswith("resnet"):
-        stages = [("conv1", model.conv1), ("bn1", lambda x: model.maxpool(model.relu(model.bn1(x))))]
-        for i in range(1, 5):
-            stages += [(f"layer{i}.{j}", b) for j, b in enumerate(getattr(model, f"layer{i}"))]
-        return stages, lambda x: model.fc(torch.flatten(model.avgpool(x), 1))
-    if name.startswith("inception"):
-        stem = [n for n in model._STEM]
-        stages = [(n, getattr(model, n)) for n in stem[:3]] + [("maxpool1", model.maxpool1)]
-        stages += [(n, getattr(model, n)) for n in stem[3:]] + [("maxpool2", model.maxpool2)]
-        stages += [(n, getattr(model, n)) for n in model._MIXED]
-        return stages, lambda x: model.fc(torch.flatten(model.dropout(model.avgpool(x)), 1))
-    raise ValueError(f"no stage decomposition for {name}")
 
 
 def stage_of(stages, layer):
@@ -245,25 +372,30 @@ def stage_of(stages, layer):
     raise ValueError(f"layer {layer} is in no stage")
 
 
+def to_scores(logits, info):
+    """Class scores from float32 logits (cast first: the scores never depend on bf16 rounding)."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if info["multilabel"] else logits.softmax(1)
+
+
 @torch.no_grad()
-def reinit_pass(model, init_state, test_ds, info, args, device):
+def reinit_scores(model, init_state, test_ds, info, args, device):
     """Re-initialisation robustness: for each analysis layer, revert its parameters and
-    buffers to init.pt, score the test set, restore. Per batch, the stage inputs of the
-    fine-tuned model are computed once; each reverted layer re-runs only the stages from its
-    own on. Returns (baseline, [metric per layer])."""
+    buffers to the initial state, score the test set, restore. Per batch, the stage inputs of
+    the fine-tuned model are computed once; each reverted layer re-runs only the stages from
+    its own on (model.forward_stages()). Returns (baseline, [metric per layer])."""
     model.eval()
-    stages, head = forward_stages(model)
+    stages, head = model.forward_stages()
     layers = model.feature_layers()
     starts = [stage_of(stages, l) for l in layers]
     state = model.state_dict()
     swap = [{k: (state[k], init_state[k].to(device)) for k in layer_entries(model, l)} for l in layers]
-    to_scores = (lambda z: torch.sigmoid(z)) if info["multilabel"] else (lambda z: z.softmax(1))
     base_scores, layer_scores, labels = [], [[] for _ in layers], []
-    for x, y in tqdm(loader(test_ds, args, device), "re-init"):
+    for x, y in progress(loader(test_ds, args, device), "re-init"):
         h = [x.to(device, non_blocking=True)]
         for _, fn in stages:
             h.append(fn(h[-1]))
-        base_scores.append(to_scores(head(h[-1]).float()).cpu())
+        base_scores.append(to_scores(head(h[-1]), info).cpu())
         for i, s in enumerate(starts):
             saved = {k: live.clone() for k, (live, _) in swap[i].items()}
             for live, initial in swap[i].values():
@@ -271,7 +403,7 @@ def reinit_pass(model, init_state, test_ds, info, args, device):
             z = h[s]
             for _, fn in stages[s:]:
                 z = fn(z)
-            layer_scores[i].append(to_scores(head(z).float()).cpu())
+            layer_scores[i].append(to_scores(head(z), info).cpu())
             for k, (live, _) in swap[i].items():
                 live.copy_(saved[k])
         labels.append(y)
@@ -280,25 +412,7 @@ def reinit_pass(model, init_state, test_ds, info, args, device):
     return score(base_scores), [score(p) for p in layer_scores]
 
 
-def convergence(run):
-    """Iterations to the best validation metric, and the validation curve, from log.jsonl."""
-    curve = []
-    path = os.path.join(run, "log.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                if "val" in r:
-                    curve.append([r["iteration"], r["val"]])
-    return curve
-
-
-# ----------------------------------------------------------------------------- main
-def tqdm(it, desc):
-    """A progress bar on a terminal, nothing in logs."""
-    return progress_bar(it, desc=desc, leave=False, disable=None)
-
-
+# ----------------------------------------------------------------------------- output
 def nan_to_none(x):
     """JSON has no NaN: undefined values (e.g. CKA of a constant layer) are written as null."""
     if isinstance(x, dict):
@@ -312,19 +426,13 @@ def nan_to_none(x):
     return x
 
 
-def write(run, metric, cfg, layers, values, settings):
-    out = os.path.join(run, "analysis")
-    os.makedirs(out, exist_ok=True)
-    doc = {"metric": metric, "run": os.path.abspath(run), "model": cfg["model"], "data": cfg["data"],
-           "init": cfg["init"], "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"], "layers": layers,
-           "values": nan_to_none(values), "settings": settings, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path = os.path.join(out, f"{metric}.json")
+def write(job, metric, layers, values, settings):
+    os.makedirs(job.out, exist_ok=True)
+    doc = dict(job.meta, metric=metric, layers=layers, values=nan_to_none(values), settings=settings,
+               facts=job.facts, created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    path = os.path.join(job.out, f"{metric}.json")
     data.save_json(path, doc)
     return path
-
-
-def short(layers):
-    return [l.replace("blocks.", "b").replace("features.", "f").replace("layer", "L") for l in layers]
 
 
 def print_row(label, values, fmt="{:.3f}"):
@@ -333,132 +441,174 @@ def print_row(label, values, fmt="{:.3f}"):
     print(f"  {label:<16} {vals}")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory written by train.py")
-    p.add_argument("--metric", default="all", choices=METRICS + ["all"])
-    p.add_argument("--ref", default=None, help="second run (e.g. the ST run) for cross-model CKA against --run")
-    p.add_argument("--batch-size", type=int, default=128, help="CKA batch size (the paper's 128)")
-    p.add_argument("--cka-mode", choices=["minibatch", "mean"], default="minibatch",
-                   help="minibatch: Nguyen et al. 2021 ratio of summed HSIC; mean: mean of per-batch CKA (original code)")
-    p.add_argument("--biased", action="store_true", help="biased HSIC instead of the unbiased estimator")
-    p.add_argument("--k", type=int, default=200, help="k-NN neighbours")
-    p.add_argument("--temperature", type=float, default=0.1, help="k-NN weight temperature")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=0)
-    return p.parse_args(argv)
+def label(job):
+    return job.run or job.meta["weights"]
+
+
+# ----------------------------------------------------------------------------- the analyses
+def convergence(job, args, shared):
+    """Iterations to the best validation metric, and the validation curve, from log.jsonl."""
+    s, curve = job.summary, []
+    path = os.path.join(job.run, "log.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if "val" in r:
+                    curve.append([r["iteration"], r["val"]])
+    values = {"best_iteration": s["best_iteration"], "best_val_metric": s["best_val_metric"],
+              "iterations": s["iterations"], "val_metric": s["metric"],
+              "curve": [[it, v.get(s["metric"])] for it, v in curve]}
+    print(f"{label(job)}: convergence: best val {s['metric']} {s['best_val_metric']} "
+          f"at iteration {s['best_iteration']} of {s['iterations']}")
+    return write(job, "convergence", [], values, {})
+
+
+def l2(job, args, shared):
+    final = job.models["final"]
+    layers = final.feature_layers()
+    d = metrics.l2_distance(job.models["init"].state_dict(), final.state_dict(), layers,
+                            norm_keys=metrics.norm_param_names(final))
+    print(f"{label(job)}: l2 distance per layer (x1e-6)")
+    print_row("l2", [d[l] * 1e6 for l in layers], "{:.2f}")
+    return write(job, "l2", layers, [d[l] for l in layers],
+                 {"definition": "||W_init - W_final||_2 / number of weights, non-norm tensors"})
+
+
+def cka(job, args, shared):
+    if len(job.test_ds) < args.batch_size:
+        warn(f"CKA over only {len(job.test_ds)} test images, fewer than --batch-size {args.batch_size}: "
+             "a small-sample estimate, not a final number")
+    settings = {"batch_size": args.batch_size, "mode": args.cka_mode, "debiased": not args.biased,
+                "rows": "fine-tuned model (best.pt) layers", "test_images": len(job.test_ds)}
+    values = {}
+    for (other, t, _), a in shared["cka"].items():
+        values.setdefault(other, {})[t] = a.compute()
+    if "ref" in values:
+        settings.update(job.ref_meta, ref_layers=job.models["ref"].feature_layers())
+    for key, by_type in values.items():
+        m = by_type["all"]
+        print(f"{label(job)}: CKA fine-tuned vs {key}, matching layers (diagonal), feature type 'all'")
+        print_row(key, [m[i, i] if i < m.shape[1] else float("nan") for i in range(m.shape[0])])
+    return write(job, "cka", job.models["final"].feature_layers(), values, settings)
+
+
+def knn(job, args, shared):
+    final, info, device = job.models["final"], job.info, job.device
+    layers = final.feature_layers()
+    if args.k > len(job.train_ds):
+        warn(f"--k {args.k} is larger than the k-NN bank ({len(job.train_ds)} training images): "
+             f"using k={len(job.train_ds)}")
+    bank = bank_features(final, job.train_ds, args, device)
+    bank_labels = torch.as_tensor(np.asarray(job.train_ds.labels))
+    values = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k > bank: said once above
+        for t in bank:
+            values[t] = []
+            for i in range(len(layers)):
+                scores = metrics.knn_predict(bank[t][i].to(device), bank_labels.to(device),
+                                             shared["queries"][t][i].to(device), k=args.k, t=args.temperature,
+                                             num_classes=info["num_classes"])
+                values[t].append(metrics.task_metric(info["metric"], scores.cpu().numpy(), shared["labels"]))
+    print(f"{label(job)}: k-NN {info['metric']} per layer")
+    for t, v in values.items():
+        print_row(t, v)
+    return write(job, "knn", layers, values, {
+        "k": args.k, "temperature": args.temperature, "task_metric": info["metric"],
+        "bank_images": len(job.train_ds), "query_images": len(job.test_ds), "features": "float32"})
+
+
+def attention(job, args, shared):
+    final = job.models["final"]
+    per_head = shared["attention"].cpu().numpy()
+    print(f"{label(job)}: mean attention distance per block (px)")
+    print_row("distance", per_head.mean(1).tolist(), "{:.1f}")
+    return write(job, "attention", final.attention_layers(), {"per_block": per_head.mean(1), "per_head": per_head}, {
+        "unit": "pixels", "patch_size": final.patch_size, "grid": list(final.grid_size),
+        "cls_share": "dropped, not renormalised", "test_images": len(job.test_ds)})
+
+
+def reinit(job, args, shared):
+    final, info = job.models["final"], job.info
+    base, values = reinit_scores(final, job.models["init"].state_dict(), job.test_ds, info, args, job.device)
+    print(f"{label(job)}: test {info['metric']} with one layer reverted to init (baseline {base:.3f})")
+    print_row("reverted", values)
+    return write(job, "reinit", final.feature_layers(), {
+        "baseline": base, "reverted": values, "drop": [base - v for v in values]},
+        {"task_metric": info["metric"], "test_images": len(job.test_ds)})
+
+
+ANALYSES = {"convergence": convergence, "l2": l2, "cka": cka, "knn": knn, "attention": attention, "reinit": reinit}
 
 
 def analyze(args):
-    run = args.run.rstrip("/")
-    cfg, summary = load_run(run)
-    todo = METRICS if args.metric == "all" else [args.metric]
-    if "attention" in todo and not cfg["model"].startswith("deit"):
-        if args.metric == "attention":
-            raise ValueError(f"--metric attention: needs a DeiT run, {run} is {cfg['model']}")
-        todo = [m for m in todo if m != "attention"]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    written = []
+    """Check everything, then run each requested analysis (the test-split ones share one pass);
+    returns the paths written."""
+    job = prepare(args)
+    for m in job.models.values():
+        m.to(job.device)
+    shared = shared_pass(job, args) if any(m in SHARED_PASS for m in job.todo) else None
+    return [ANALYSES[m](job, args, shared) for m in job.todo]
 
-    if "convergence" in todo:
-        if summary is None:
-            raise FileNotFoundError(f"{run}/summary.json: missing (the run has not finished)")
-        curve = convergence(run)
-        written.append(write(run, "convergence", cfg, [], {
-            "best_iteration": summary["best_iteration"], "best_val_metric": summary["best_val_metric"],
-            "iterations": summary["iterations"], "val_metric": summary["metric"],
-            "curve": [[it, v.get(summary["metric"])] for it, v in curve]}, {}))
-        print(f"{run}: convergence: best val {summary['metric']} {summary['best_val_metric']} "
-              f"at iteration {summary['best_iteration']} of {summary['iterations']}")
 
-    needs_data = [m for m in todo if m in ("cka", "knn", "reinit", "attention")]
-    if not needs_data and "l2" not in todo:
-        return written
-    train_ds, _, test_ds, info = data.load_splits(cfg, eval_train=True) if needs_data else (None, None, None, None)
-    num_classes = cfg["num_classes"]
-    final = load_model(run, cfg, num_classes, "best", device)
-    init_state = models.read_checkpoint(os.path.join(run, "init.pt"))["model"]
-    layers = final.feature_layers()
+# ----------------------------------------------------------------------------- command line
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("what to analyse: a run directory, or checkpoints")
+    src.add_argument("--run", default=None, help="run directory written by train.py (analyses go to RUN/analysis/)")
+    src.add_argument("--ref", default=None, help="a second run directory (e.g. the ST run) for cross-model CKA "
+                                                 "against --run")
+    src.add_argument("--model", default=None, help=f"with --weights: one of {', '.join(models.MODELS)}")
+    src.add_argument("--weights", default=None, help="fine-tuned checkpoint (ours, timm or torchvision layout)")
+    src.add_argument("--init-weights", default=None, help="the same model before fine-tuning (needed by cka, l2, "
+                                                          "reinit)")
+    src.add_argument("--ref-weights", default=None, help="a second fine-tuned checkpoint for cross-model CKA")
+    src.add_argument("--ref-model", default=None, help="model of --ref-weights (default: --model)")
+    src.add_argument("--out", default=None, help="with --weights: folder for OUT/analysis/<metric>.json")
+    src.add_argument("--data", default=None, help=f"with --weights: one of {', '.join(data.DATASETS)} "
+                                                   "(default: synthetic)")
+    src.add_argument("--data-root", default=None, help="with --weights: dataset folder (not needed for "
+                                                       "synthetic/shapes)")
+    src.add_argument("--img-size", type=int, default=None, help="with --weights: input size (default: the "
+                                                                "dataset's, as train.py)")
+    src.add_argument("--split-seed", type=int, default=None, help="with --weights: seed of the train/val/test "
+                                                                  "split (default: 0, as train.py)")
+    src.add_argument("--subset", type=int, default=None, help="with --weights: at most this many images per split "
+                                                              "(default: all)")
+    src.add_argument("--cache-dir", default=None, help="with --weights: image cache folder (default: see data.py)")
+    p.add_argument("--metric", default="all", choices=METRICS + ["all"],
+                   help="the analysis to run; all: every one that applies (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="CKA batch size, the paper's (default: %(default)s)")
+    p.add_argument("--cka-mode", choices=["minibatch", "mean"], default="minibatch",
+                   help="minibatch: Nguyen et al. 2021 ratio of summed HSIC; mean: mean of per-batch CKA "
+                        "(original code) (default: %(default)s)")
+    p.add_argument("--biased", action="store_true", help="biased HSIC instead of the debiased estimator")
+    p.add_argument("--k", type=int, default=200, help="k-NN neighbours (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.1, help="k-NN weight temperature (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda, cuda:K or cpu (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (default: %(default)s)")
+    return p
 
-    if "l2" in todo:
-        d = metrics.l2_distance(init_state, final.state_dict(), layers, norm_keys=metrics.norm_param_names(final))
-        written.append(write(run, "l2", cfg, layers, [d[l] for l in layers],
-                             {"definition": "||W_init - W_final||_2 / number of weights, non-norm tensors"}))
-        print(f"{run}: l2 distance per layer (x1e-6)")
-        print_row("l2", [d[l] * 1e6 for l in layers], "{:.2f}")
 
-    pass_todo = [m for m in todo if m in ("cka", "knn", "attention")]
-    if pass_todo:
-        run_models = {"final": final}
-        if "cka" in todo:
-            run_models["init"] = load_model(run, cfg, num_classes, "init", device)
-            if args.ref:
-                ref_cfg, _ = load_run(args.ref.rstrip("/"))
-                for k in ("data", "img_size"):
-                    if ref_cfg[k] != cfg[k]:
-                        raise ValueError(f"--ref {args.ref}: its {k} {ref_cfg[k]!r} differs from --run's {cfg[k]!r}")
-                run_models["ref"] = load_model(args.ref.rstrip("/"), ref_cfg, ref_cfg["num_classes"], "best", device)
-        acc, queries, attn, labels = test_pass(run_models, test_ds, info, args, device, pass_todo)
-        if "cka" in todo:
-            settings = {"batch_size": args.batch_size, "mode": args.cka_mode, "debiased": not args.biased,
-                        "rows": "fine-tuned model (best.pt) layers", "test_images": len(test_ds)}
-            values = {}
-            for (other, t, _), a in acc.items():
-                key = "init" if other == "init" else "ref"
-                values.setdefault(key, {})[t] = a.compute()
-            if "ref" in values:
-                settings.update(ref=os.path.abspath(args.ref), ref_layers=run_models["ref"].feature_layers(),
-                                ref_init=ref_cfg["init"], ref_n=ref_cfg["n"])
-            written.append(write(run, "cka", cfg, layers, values, settings))
-            for key, by_type in values.items():
-                m = by_type["all"]
-                print(f"{run}: CKA fine-tuned vs {key}, matching layers (diagonal), feature type 'all'")
-                print_row(key, [m[i, i] if i < m.shape[1] else float("nan") for i in range(m.shape[0])])
-        if "knn" in todo:
-            bank = bank_pass(final, train_ds, args, device)
-            bank_labels = torch.as_tensor(np.asarray(train_ds.labels))
-            values = {}
-            for t in bank:
-                values[t] = []
-                for i in range(len(layers)):
-                    scores = metrics.knn_predict(bank[t][i].to(device).float(), bank_labels.to(device),
-                                                 queries[t][i].to(device).float(), k=args.k, t=args.temperature,
-                                                 num_classes=info["num_classes"])
-                    values[t].append(metrics.task_metric(info["metric"], scores.cpu().numpy(), labels))
-            written.append(write(run, "knn", cfg, layers, values, {
-                "k": args.k, "temperature": args.temperature, "task_metric": info["metric"],
-                "bank_images": len(train_ds), "query_images": len(test_ds)}))
-            print(f"{run}: k-NN {info['metric']} per layer")
-            for t, v in values.items():
-                print_row(t, v)
-        if "attention" in todo:
-            blocks = [l for l in layers if l.endswith(".attn")]
-            per_head = attn.cpu().numpy()
-            written.append(write(run, "attention", cfg, blocks, {
-                "per_block": per_head.mean(1), "per_head": per_head}, {
-                "unit": "pixels", "patch_size": final.patch_size, "grid": list(final.grid_size),
-                "cls_share": "dropped, not renormalised", "test_images": len(test_ds)}))
-            print(f"{run}: mean attention distance per block (px)")
-            print_row("distance", per_head.mean(1).tolist(), "{:.1f}")
-
-    if "reinit" in todo:
-        base, values = reinit_pass(final, init_state, test_ds, info, args, device)
-        written.append(write(run, "reinit", cfg, layers, {
-            "baseline": base, "reverted": values, "drop": [base - v for v in values]},
-            {"task_metric": info["metric"], "test_images": len(test_ds)}))
-        print(f"{run}: test {info['metric']} with one layer reverted to init (baseline {base:.3f})")
-        print_row("reverted", values)
-    return written
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.run is None and args.weights is None and args.model is None:
+        p.error("expected --run DIR, or --model and --weights (checkpoints)")
+    return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: usage and one error line, exit 2
+        return e.code
     try:
         for path in analyze(args):
             print(f"wrote {path}")
         return 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"analyze.py: error: {e}", file=sys.stderr)
         return 2
 

@@ -44,23 +44,17 @@ import models
 # ========================================================================================
 # batch sizes small enough for a 2-core CPU; the largest models get a smaller batch
 _BENCH_MODELS_BATCH = {"deit_b": 2, "resnet152": 2}
-_BENCH_MODELS_TIMM = {"deit_t": "deit_tiny_patch16_224", "deit_s": "deit_small_patch16_224",
-                      "deit_b": "deit_base_patch16_224", "deit_s_5b": "deit_small_patch16_224"}
 
 
 def _bench_models_reference(name, size):
     """The timm / torchvision model of the same architecture (timm with its default, fused
-    attention)."""
-    if name in _BENCH_MODELS_TIMM:
+    attention), as models.REFERENCE_MODELS names it."""
+    lib, ref_name, kwargs = models.REFERENCE_MODELS[name]
+    if lib == "timm":
         import timm
-        ref = timm.create_model(_BENCH_MODELS_TIMM[name], pretrained=False, img_size=size)
-        if name == "deit_s_5b":
-            ref.blocks = ref.blocks[:5]
-        return ref
+        return timm.create_model(ref_name, pretrained=False, img_size=size, **kwargs)
     import torchvision
-    if name == "inception_v3":
-        return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-    return getattr(torchvision.models, name)(weights=None)
+    return getattr(torchvision.models, ref_name)(weights=None, **kwargs)
 
 
 def _bench_models_step(model, x, device, clock):
@@ -531,7 +525,7 @@ def bench_train(argv):
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
         loader = DataLoader(train_ds, batch_size=a.batch, shuffle=True, drop_last=True,
                             pin_memory=device.type == "cuda")
-        if device.type == "cuda" and name.startswith(("resnet", "inception")):
+        if device.type == "cuda" and model.prefers_channels_last:
             model.to(memory_format=torch.channels_last)
         n, t0 = 0, time.perf_counter()
         for x, y in loader:

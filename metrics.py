@@ -1,10 +1,11 @@
-"""Analysis and task metrics: linear CKA, weighted k-NN, l2 weight distance,
-mean attention distance, and the datasets' scores (kappa, AUC, recall).
+"""Analysis and task metrics: activation capture, linear CKA, weighted k-NN, l2 weight
+distance, mean attention distance, and the datasets' scores (kappa, AUC, recall).
 
 Imports only torch, numpy and the standard library so the file works copied alone.
 Formulas follow Kornblith et al. (2019), Song et al. (2012) for the unbiased HSIC,
 Nguyen, Raghu & Kornblith (2021) for minibatch CKA and Wu et al. (2018) for the k-NN.
 """
+import contextlib
 import math
 import warnings
 
@@ -12,6 +13,48 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- activations
+
+
+@contextlib.contextmanager
+def capture(model, layer_names, transform=None):
+    """Collect the outputs of named modules of any nn.Module (ours, timm, torchvision):
+
+        with capture(model, ["blocks.0.attn", "blocks.0.mlp"]) as acts:
+            model(x)                      # acts[name] = that module's output, detached
+
+    Every forward overwrites `acts`, so in a loop consume it after each forward (e.g. feed
+    an accumulator). `transform(name, output)`, if given, is stored instead of the output: it
+    runs inside the hook, so a large activation can be reduced (a Gram, a pooled vector)
+    and freed at once. Outputs are detached, not copied (an in-place op later in the model
+    would show; clone in `transform` if a model does that). Hooks are removed on exit, also
+    on an exception. Unknown names raise ValueError before any hook is added.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in layer_names if n not in modules]
+    if missing:
+        raise ValueError(f"capture: {type(model).__name__} has no module named {missing[:5]}")
+    acts = {}
+
+    def hook_for(name):
+        def hook(module, inputs, out):
+            if isinstance(out, torch.Tensor):
+                out = out.detach()
+            elif isinstance(out, (tuple, list)):
+                out = type(out)(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
+            acts[name] = out if transform is None else transform(name, out)
+        return hook
+
+    handles = []
+    try:
+        for n in layer_names:
+            handles.append(modules[n].register_forward_hook(hook_for(n)))
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
 
 # ----------------------------------------------------------------------------- CKA
 
@@ -81,9 +124,12 @@ def _gram_cka(k, l):
     return (k * l).sum() / (k.norm() * l.norm())
 
 
-def cka(x, y, debiased=False):
+def cka(x, y, debiased=True):
     """One-shot linear CKA between two activation tensors x (n, ...) and y (n, ...), in float64.
 
+    Default: the debiased estimator (as CKAAccumulator and the analyses); debiased=False
+    gives the biased one, which tends to 1 for unrelated features when d >> n (two
+    independent noise matrices, n=64, d=20000: 0.997 biased, ~0 debiased).
     Biased:   CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on column-centred X, Y, which
               equals the Gram form <HKH, HLH> / (||HKH|| ||HLH||); the cheaper form is used
               (features when d_x + d_y < n, Grams otherwise).
@@ -127,6 +173,7 @@ class CKAAccumulator:
       CKA = sum_b cross_b / sqrt(sum_b self_a,b  x  sum_b self_b,b)
     mode="mean" (the original code): CKA = mean_b [cross_b / sqrt(self_a,b x self_b,b)].
     Both are accumulated in float64 on the Grams' device; `compute()` returns the chosen one.
+    Default: debiased (as `cka`); debiased=False gives the biased estimator.
     Batches with n < 4 (debiased) or n < 2 are skipped with a warning. A layer that is
     constant (self term 0) gives NaN; in "mean" mode one constant batch makes it NaN.
     """
@@ -253,7 +300,8 @@ def knn_predict(bank, bank_labels, queries, k=200, t=0.1, num_classes=None, chun
     """Weighted cosine k-NN class scores (Wu et al. 2018), (n_queries, C) float32 tensor.
 
     Bank and queries are L2-normalised (float32); for query q the k nearest bank items j
-    (cosine s_j = q.x_j, k clipped to the bank size) vote with w_j = exp(s_j / t):
+    (cosine s_j = q.x_j; k larger than the bank is clipped to its size, with a warning) vote
+    with w_j = exp(s_j / t):
       single label (bank_labels (N,) int):    score_c = sum_{j: y_j = c} w_j / sum_j w_j
       multi-label (bank_labels (N, C) float): score = sum_j w_j y_j / sum_j w_j
     The weights are computed as exp((s_j - s_max) / t): the common factor exp(s_max/t)
@@ -275,7 +323,9 @@ def knn_predict(bank, bank_labels, queries, k=200, t=0.1, num_classes=None, chun
     labels = labels.float() if multilabel else labels.long()
     if num_classes is None:
         num_classes = labels.shape[1] if multilabel else int(labels.max()) + 1
-    k = min(k, bank.shape[0])
+    if k > bank.shape[0]:
+        warnings.warn(f"knn_predict: k={k} is larger than the bank ({bank.shape[0]} items); using k={bank.shape[0]}")
+        k = bank.shape[0]
     bank = F.normalize(bank.float(), dim=1)
     out = []
     for q in queries.split(chunk_size):
@@ -405,13 +455,17 @@ def quadratic_kappa(labels, preds, num_classes=None):
 
 
 def macro_recall(labels, preds, num_classes=None):
-    """Macro-averaged recall: mean over classes c of TP_c / #(labels == c), over range(C) or
-    (None) the union of labels and preds; a class absent from labels has recall 0, as in
-    sklearn's recall_score(average='macro'[, labels=range(C)], zero_division=0)."""
+    """Macro-averaged recall (balanced accuracy): mean over the classes c present in labels
+    of TP_c / #(labels == c), as sklearn's balanced_accuracy_score. A predicted class that
+    no label holds only counts as an error (it is not a class with recall 0, which would
+    depend on what the model predicts on a --subset). num_classes only checks the range."""
     c, yi, pi = _classes(labels, preds, num_classes, "macro_recall")
     o = _confusion(yi, pi, c)
     support = o.sum(1)
-    return float(np.mean(np.where(support > 0, np.diag(o) / np.maximum(support, 1), 0.0)))
+    present = support > 0
+    if not present.any():
+        return float("nan")
+    return float(np.mean(np.diag(o)[present] / support[present]))
 
 
 def _average_ranks(x):
@@ -463,8 +517,8 @@ TASK_METRICS = ["quadratic_kappa", "roc_auc", "mean_auc", "macro_recall", "accur
 
 def task_metric(name, scores, labels):
     """Dataset score from (n, C) class scores (logits, probabilities or k-NN scores) and labels.
-      accuracy, macro_recall: on argmax; macro_recall over the union of observed classes
-                              (like the original code's recall_score(average='macro')).
+      accuracy, macro_recall: on argmax; macro_recall over the classes present in the
+                              labels (balanced accuracy).
       quadratic_kappa:        on argmax, over all C classes (labels=range(C), as the original).
       roc_auc:                binary; C = 2 scores by s1 - s0 (monotone in softmax[:, 1]),
                               C = 1 by the single column (monotone in its sigmoid).

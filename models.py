@@ -8,8 +8,22 @@ Imports only torch / stdlib, so this file can be copied alone into another proje
     model = create_model("deit_s", num_classes=5, img_size=224)
     report = load_pretrained(model, "imagenet")   # or a local file
     model.wtst_groups()      # ordered module groups for WT-ST-n/m (method.md section 3)
-    model.feature_layers()   # module names whose outputs are the analysis activations
     model.init_weights()     # re-draw every parameter with the architecture's usual init
+
+The analysis protocol: every model answers what analyze.py needs, so no other file tests a
+model's name (analyze.py has no model-specific code):
+
+    model.feature_layers()             # module names whose outputs are the analysis layers
+    model.feature_types()              # ["cls", "patches", "all"] (DeiT) or ["all"]
+    model.feature_views(layer, out)    # {type: activations (n, ...)} of one layer's output (CKA)
+    model.pooled_views(layer, out)     # {type: (n, d) pooled features} (k-NN)
+    model.forward_stages()             # ([(module prefix, fn)], head): the forward as a chain,
+                                       #   head(fn_k(...fn_1(x))) == model(x) (re-init reuses it)
+    model.attention_layers()           # modules whose recorded softmax is global token attention
+                                       #   (DeiT; [] otherwise); such models also have
+                                       #   record_attention(on), grid_size, patch_size,
+                                       #   num_prefix_tokens (attention distance)
+    model.prefers_channels_last        # True for CNNs: faster convolutions on CUDA
 
 Choices worth knowing:
 - DeiT at another image size: the 14x14 ``pos_embed`` grid of a 224 checkpoint is resampled
@@ -48,6 +62,36 @@ PRETRAINED_URLS = {
     "resnet152": _TV + "resnet152-394f9c45.pth",   # IMAGENET1K_V1
     "inception_v3": _TV + "inception_v3_google-0cc3c7bd.pth",
 }
+# the published implementation each model reproduces: (library, its name, extra arguments);
+# same state-dict keys and outputs (bench.py and the tests compare against them)
+REFERENCE_MODELS = {
+    "deit_t": ("timm", "deit_tiny_patch16_224", {}),
+    "deit_s": ("timm", "deit_small_patch16_224", {}),
+    "deit_b": ("timm", "deit_base_patch16_224", {}),
+    "deit_s_5b": ("timm", "deit_small_patch16_224", {"depth": 5}),
+    "swin_t": ("torchvision", "swin_t", {}),
+    "resnet18": ("torchvision", "resnet18", {}),
+    "resnet50": ("torchvision", "resnet50", {}),
+    "resnet152": ("torchvision", "resnet152", {}),
+    "inception_v3": ("torchvision", "inception_v3", {"aux_logits": False, "init_weights": False}),
+}
+
+
+# analysis protocol pieces shared by the models with one feature type (Swin, CNNs)
+def _one_type(model):
+    return ["all"]
+
+
+def _whole_output(model, layer, out):
+    return {"all": out}
+
+
+def _global_average_pool(model, layer, out):
+    return {"all": out.mean((2, 3))}  # [B, C, H, W] -> [B, C]
+
+
+def _no_attention(model):
+    return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +226,40 @@ class VisionTransformer(nn.Module):
         for i in range(len(self.blocks)):
             names += [f"blocks.{i}.attn", f"blocks.{i}.mlp"]
         return names
+
+    # analysis protocol (see the module docstring)
+    prefers_channels_last = False
+
+    def feature_types(self):
+        return ["cls", "patches", "all"]
+
+    def feature_views(self, layer, out):
+        """'cls' (prefix tokens), 'patches' (the rest), 'all'; the patch conv [B, D, h, w] has
+        no CLS token, so all three types use its patch tokens there."""
+        if out.ndim == 4:  # patch conv -> patch tokens
+            tokens = out.flatten(2).transpose(1, 2)
+            return {"cls": tokens, "patches": tokens, "all": tokens}
+        p = self.num_prefix_tokens
+        return {"cls": out[:, :p], "patches": out[:, p:], "all": out}
+
+    def pooled_views(self, layer, out):
+        """k-NN features: CLS token, mean of patch tokens, and their concatenation (the patch
+        conv: its spatial mean for all three)."""
+        if out.ndim == 4:
+            mean = out.mean((2, 3))
+            return {"cls": mean, "patches": mean, "all": mean}
+        cls, patches = out[:, 0], out[:, self.num_prefix_tokens:].mean(1)
+        return {"cls": cls, "patches": patches, "all": torch.cat([cls, patches], 1)}
+
+    def forward_stages(self):
+        def embed(x):
+            x = self.patch_embed(x)
+            return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        stages = [("patch_embed", embed)] + [(f"blocks.{i}", b) for i, b in enumerate(self.blocks)]
+        return stages, lambda x: self.head(self.norm(x)[:, 0])
+
+    def attention_layers(self):
+        return [f"blocks.{i}.attn" for i in range(len(self.blocks))]
 
     def record_attention(self, on=True):
         for blk in self.blocks:
@@ -425,10 +503,26 @@ class SwinTransformer(nn.Module):
         return groups + [("norm", ["norm"])]
 
     def feature_layers(self):
-        names = ["features.0"]  # patch conv + its LayerNorm, output [B, H/4, W/4, 96]
+        names = ["features.0.0"]  # the patch conv itself, as DeiT's patch_embed.proj: [B, 96, H/4, W/4]
         for _, _, name in self._blocks():
             names += [f"{name}.attn", f"{name}.mlp"]
         return names
+
+    # analysis protocol (see the module docstring); windowed attention has no attention
+    # distance over the whole image, so no attention layers
+    prefers_channels_last = False
+    feature_types, feature_views, attention_layers = _one_type, _whole_output, _no_attention
+
+    def pooled_views(self, layer, out):
+        """Mean over positions: [B, C, H, W] for the patch conv, [B, H, W, C] elsewhere."""
+        return {"all": out.mean((2, 3) if layer == "features.0.0" else (1, 2))}
+
+    def forward_stages(self):
+        stages = [("features.0", self.features[0])]
+        for i, f in enumerate(self.features[1:], 1):
+            stages += [(f"features.{i}.{j}", b) for j, b in enumerate(f)] \
+                if isinstance(f, nn.Sequential) else [(f"features.{i}", f)]
+        return stages, lambda x: self.head(self.norm(x).mean(dim=(1, 2)))
 
     def _attn_modules(self):
         return [self.get_submodule(f"{name}.attn") for _, _, name in self._blocks()]
@@ -552,6 +646,17 @@ class ResNet(nn.Module):
         for i in range(1, 5):
             names += [f"layer{i}.{j}" for j in range(len(getattr(self, f"layer{i}")))]
         return names
+
+    # analysis protocol (see the module docstring)
+    prefers_channels_last = True
+    feature_types, feature_views, attention_layers = _one_type, _whole_output, _no_attention
+    pooled_views = _global_average_pool
+
+    def forward_stages(self):
+        stages = [("conv1", self.conv1), ("bn1", lambda x: self.maxpool(self.relu(self.bn1(x))))]
+        for i in range(1, 5):
+            stages += [(f"layer{i}.{j}", b) for j, b in enumerate(getattr(self, f"layer{i}"))]
+        return stages, lambda x: self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,6 +845,18 @@ class Inception3(nn.Module):
     def feature_layers(self):
         return self._STEM + self._MIXED
 
+    # analysis protocol (see the module docstring)
+    prefers_channels_last = True
+    feature_types, feature_views, attention_layers = _one_type, _whole_output, _no_attention
+    pooled_views = _global_average_pool
+
+    def forward_stages(self):
+        stem = self._STEM
+        stages = [(n, getattr(self, n)) for n in stem[:3]] + [("maxpool1", self.maxpool1)]
+        stages += [(n, getattr(self, n)) for n in stem[3:]] + [("maxpool2", self.maxpool2)]
+        stages += [(n, getattr(self, n)) for n in self._MIXED]
+        return stages, lambda x: self.fc(torch.flatten(self.dropout(self.avgpool(x)), 1))
+
 
 # ----------------------------------------------------------------------------------------------
 # Registry
@@ -843,9 +960,10 @@ def _listing(keys, limit=12):
 
 
 def load_pretrained(model, source="imagenet"):
-    """Load ``source`` ("imagenet" or a checkpoint file) into ``model`` in place.
+    """Load ``source`` into ``model`` in place: "imagenet", a checkpoint file, or a state dict
+    already in memory (e.g. ``timm_model.state_dict()``).
 
-    Files may hold a flat state dict, {"model": sd} or {"state_dict": sd}. Adjustments, all
+    Files and dicts may hold a flat state dict, {"model": sd} or {"state_dict": sd}. Adjustments, all
     reported: Inception ``AuxLogits.*`` dropped; DeiT-S-5b skips DeiT-S blocks 5-11; a head
     whose shape differs is skipped and left as created; a DeiT ``pos_embed`` for another grid
     is resampled (bicubic, antialias=True, cls entry kept). Any other missing / unexpected key
@@ -856,7 +974,9 @@ def load_pretrained(model, source="imagenet"):
     name = getattr(model, "model_name", None)
     if name not in MODELS:
         raise ValueError(f"load_pretrained needs a model from create_model, got {type(model).__name__}")
-    if source == "imagenet":
+    if isinstance(source, dict):
+        raw, where, where_label = source, "state dict", "state dict"
+    elif source == "imagenet":
         raw, where = _fetch_imagenet(name)
         where_label = PRETRAINED_URLS[name]
     else:

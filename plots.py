@@ -69,8 +69,15 @@ def read_json(path):
         return json.load(f)
 
 
-def expected_analyses(model):
-    return [a for a in ANALYSES if a != "attention" or str(model).startswith("deit")]
+def run_facts(analyses):
+    """Model facts that analyze.py writes into every analysis file ("facts": feature_types,
+    has_attention), so plots never tests a model's name; older files: derived from their content."""
+    for doc in analyses.values():
+        if isinstance(doc.get("facts"), dict):
+            return dict({"feature_types": ["all"], "has_attention": False}, **doc["facts"])
+    cka = analyses.get("cka", {}).get("values", {})
+    types = sorted({t for v in cka.values() if isinstance(v, dict) for t in v}) if isinstance(cka, dict) else []
+    return {"feature_types": types or ["all"], "has_attention": "attention" in analyses}
 
 
 def load_run(path, notes):
@@ -96,7 +103,7 @@ def load_run(path, notes):
            "metric": info.get("metric") or summary.get("metric") or "metric", "analysis": {}, "missing": []}
     if run["init"] == "ri":
         run["n"] = None
-    for a in expected_analyses(run["model"]):
+    for a in ANALYSES:
         f = os.path.join(path, "analysis", f"{a}.json")
         try:
             doc = read_json(f)
@@ -107,6 +114,9 @@ def load_run(path, notes):
             run["missing"].append(a)
         except (OSError, ValueError) as e:
             run["missing"].append(f"{a} (unreadable: {e})")
+    run["facts"] = run_facts(run["analysis"])
+    if not run["facts"]["has_attention"]:  # attention distance applies to DeiT only
+        run["missing"] = [m for m in run["missing"] if not m.startswith("attention")]
     run["settings"] = {k: cfg.get(k) for k in SETTINGS}
     return run
 
@@ -468,7 +478,7 @@ def plot_cka(runs, model, data, args, written):
              f"cka_init_{model}_{data}", written)
     cka_grid(ref_panels, ["all"], model, data, "CKA between fine-tuned models", args,
              f"cka_ref_{model}_{data}", written)
-    if model.startswith("deit"):
+    if any(len(r["facts"]["feature_types"]) > 1 for r in have):
         panels = ref_panels or pick(init_panels, 4)
         what = "CKA per feature type, " + ("between fine-tuned models" if ref_panels else "fine-tuned vs initial")
         cka_grid(panels, TYPES, model, data, what, args, f"cka_types_{model}_{data}", written)
@@ -763,7 +773,7 @@ def plot_all(args):
             plot_knn(mruns, model, data, args, written)
             plot_reinit(mruns, model, data, args, written)
             plot_l2(mruns, model, data, args, written)
-            if model.startswith("deit"):
+            if any(r["facts"]["has_attention"] for r in mruns):
                 plot_attention(mruns, model, data, args, written)
     write_table(runs, args, written)
     return written

@@ -207,8 +207,10 @@ def test_models_metadata_groups_and_layers(name):
         assert all(seen[n][0].shape == (2, 1 + g * g, d) for n in layers[1:])
         assert (m.patch_size, m.grid_size, m.num_prefix_tokens) == (16, (g, g), 1)
     elif name == "swin_t":
-        assert layers[:3] == ["features.0", "features.1.0.attn", "features.1.0.mlp"]
-        assert seen["features.0"][0].shape == (2, 24, 24, 96)
+        # the patch conv itself, as DeiT's patch_embed.proj (issue 10: not conv + permute + LayerNorm)
+        assert layers[:3] == ["features.0.0", "features.1.0.attn", "features.1.0.mlp"]
+        assert isinstance(modules["features.0.0"], nn.Conv2d)
+        assert seen["features.0.0"][0].shape == (2, 96, 24, 24)
         assert seen["features.7.1.mlp"][0].shape == (2, 3, 3, 768)
         assert [lab for lab, _ in groups][:4] == ["patchifier", "stage1.block1", "stage1.block2",
                                                  "stage2.block1"]
@@ -1386,7 +1388,7 @@ def test_metrics_gram_form_equals_feature_form():
     x, y = _metrics_pair(60, 10, 7)  # cka() takes the feature form here
     k, l = metrics.centered_gram(x, debiased=False), metrics.centered_gram(y, debiased=False)
     gram_form = float((k * l).sum() / (k.norm() * l.norm()))
-    assert metrics.cka(x, y) == pytest.approx(gram_form, abs=1e-12)
+    assert metrics.cka(x, y, debiased=False) == pytest.approx(gram_form, abs=1e-12)
     assert gram_form == pytest.approx(_metrics_ref_feature_cka(x.numpy(), y.numpy()), abs=1e-12)
 
 
@@ -1432,12 +1434,23 @@ def test_metrics_centered_gram_avoids_reduced_precision_matmul():
 def test_metrics_cka_constant_layer_is_nan_and_small_n_raises():
     x, _ = _metrics_pair(30, 10, 5)
     const = torch.full((30, 7), 0.1, dtype=torch.float32)
+    assert math.isnan(metrics.cka(x, const, debiased=False))
     assert math.isnan(metrics.cka(x, const))
-    assert math.isnan(metrics.cka(x, const, debiased=True))
     with pytest.raises(ValueError):
         metrics.cka(x[:3], x[:3], debiased=True)
     with pytest.raises(ValueError):
         metrics.cka(x[:5], x[:6])
+
+
+def test_metrics_cka_defaults_to_debiased():
+    """One default everywhere (issue 10.5): metrics.cka is debiased like CKAAccumulator; on two
+    independent noise matrices with d >> n the biased estimator says 0.997."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 20000, generator=g), torch.randn(64, 20000, generator=g)
+    assert metrics.cka(x, y, debiased=False) > 0.99
+    assert abs(metrics.cka(x, y)) < 0.05
+    assert metrics.cka(x, y) == metrics.cka(x, y, debiased=True)
+    assert metrics.CKAAccumulator(1).debiased
 
 
 def test_metrics_cka_multidim_activations_flattened():
@@ -1610,6 +1623,7 @@ def _metrics_knn_data(n_bank=300, n_query=50, dim=16, classes=4, seed=0):
     return bank, yb, queries, yq
 
 
+@pytest.mark.filterwarnings("ignore:knn_predict")
 @pytest.mark.parametrize("k", [1, 20, 1000])
 def test_metrics_knn_matches_bruteforce_single_label(k):
     bank, yb, queries, _ = _metrics_knn_data()
@@ -1625,6 +1639,16 @@ def test_metrics_knn_matches_bruteforce_multilabel():
     got = metrics.knn_predict(bank, yb, queries, k=15, t=0.07)
     assert got.shape == (50, 5)
     np.testing.assert_allclose(got.numpy(), _metrics_knn_ref(bank, yb, queries, 15, 0.07, 5), atol=1e-5)
+
+
+def test_metrics_knn_warns_when_k_exceeds_bank():
+    """Issue 10.7: k larger than the bank is clipped with a warning, not silently."""
+    bank, yb, queries, _ = _metrics_knn_data()
+    with pytest.warns(UserWarning, match="larger than the bank"):
+        metrics.knn_predict(bank, yb, queries, k=len(bank) + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics.knn_predict(bank, yb, queries, k=len(bank))
 
 
 def test_metrics_knn_chunked_equals_unchunked():
@@ -1784,15 +1808,22 @@ def test_metrics_mean_auc_skips_single_valued_classes():
     assert metrics.task_metric("mean_auc", torch.tensor(s), torch.tensor(y)) == pytest.approx(mean)
 
 
-def test_metrics_macro_recall_vs_sklearn():
+@pytest.mark.filterwarnings("ignore:y_pred contains classes")
+def test_metrics_macro_recall_is_balanced_accuracy():
+    """Issue 10.8: mean recall over the classes present in the labels (balanced accuracy), not
+    over labels plus predictions (a predicted class absent from the labels, as on --subset
+    runs, would count as a class of recall 0)."""
     rng = np.random.default_rng(3)
     y = rng.integers(0, 6, 150)
-    y[y == 5] = 4  # class 5 absent from labels but present in preds: counts as recall 0 in sklearn
+    y[y == 5] = 4  # class 5 absent from labels but present in preds
     p = np.where(rng.random(150) < 0.6, y, rng.integers(0, 6, 150))
     assert 5 in p
-    assert metrics.macro_recall(y, p) == pytest.approx(skm.recall_score(y, p, average="macro", zero_division=0))
-    assert metrics.macro_recall(y, p, num_classes=8) == pytest.approx(
-        skm.recall_score(y, p, average="macro", labels=list(range(8)), zero_division=0))
+    want = skm.balanced_accuracy_score(y, p)
+    assert want != pytest.approx(skm.recall_score(y, p, average="macro", zero_division=0))  # they differ here
+    assert metrics.macro_recall(y, p) == pytest.approx(want, abs=1e-12)
+    assert metrics.macro_recall(y, p, num_classes=8) == pytest.approx(want, abs=1e-12)
+    scores = np.eye(6)[p]
+    assert metrics.task_metric("macro_recall", scores, y) == pytest.approx(want, abs=1e-12)
 
 
 def test_metrics_task_metric_dispatch():
@@ -1808,8 +1839,7 @@ def test_metrics_task_metric_dispatch():
     assert metrics.task_metric("accuracy", scores, y5) == pytest.approx(np.mean(pred == y5))
     assert metrics.task_metric("quadratic_kappa", scores, y5) == pytest.approx(
         skm.cohen_kappa_score(y5, pred, weights="quadratic", labels=list(range(5))))
-    assert metrics.task_metric("macro_recall", scores, y5) == pytest.approx(
-        skm.recall_score(y5, pred, average="macro", zero_division=0))
+    assert metrics.task_metric("macro_recall", scores, y5) == pytest.approx(skm.balanced_accuracy_score(y5, pred))
     with pytest.raises(ValueError):
         metrics.task_metric("f1", scores, y5)
 
@@ -2003,7 +2033,7 @@ def test_analyze_forward_stages_equal_forward(name, size):
     torch.manual_seed(0)
     model = models.create_model(name, num_classes=3, img_size=size).eval()
     x = torch.randn(2, 3, size, size)
-    stages, head = analyze.forward_stages(model)
+    stages, head = model.forward_stages()
     z = x
     for _, fn in stages:
         z = fn(z)
@@ -2031,7 +2061,8 @@ def analyze_runs(tmp_path_factory):
 
 def _analyze_load(run, which):
     cfg, _ = analyze.load_run(run)
-    return analyze.load_model(run, cfg, cfg["num_classes"], which, torch.device("cpu"))
+    return analyze.load_model(cfg["model"], cfg["num_classes"], cfg["img_size"], os.path.join(run, f"{which}.pt"),
+                              which, need_head=True)
 
 
 def test_analyze_all_metrics_and_cka_reference(analyze_runs):
@@ -2078,7 +2109,7 @@ def test_analyze_reinit_prefix_reuse_equals_full_evaluation(analyze_runs):
     model = _analyze_load(wt, "best")
     init_state = models.read_checkpoint(os.path.join(wt, "init.pt"))["model"]
     args = analyze.parse_args(["--run", wt, "--batch-size", "20"])
-    base, values = analyze.reinit_pass(model, init_state, test_ds, info, args, torch.device("cpu"))
+    base, values = analyze.reinit_scores(model, init_state, test_ds, info, args, torch.device("cpu"))
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
     loader = analyze.loader(test_ds, args, torch.device("cpu"))
     assert base == pytest.approx(train.evaluate(model, loader, torch.device("cpu"), None, info)[info["metric"]])
@@ -2104,6 +2135,300 @@ def test_analyze_bad_input(tmp_path, analyze_runs, capsys):
     assert analyze.main(["--run", str(tmp_path / "unfinished"), "--metric", "l2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "best.pt" in err[0]
+
+
+def test_analyze_reinit_baseline_equals_run_test_figure(analyze_runs):
+    """The re-init baseline is scored from float32 logits like train.py's test figure, so the
+    two are the same number."""
+    _, wt = analyze_runs
+    assert analyze.main(["--run", wt, "--metric", "reinit", "--batch-size", "16", "--device", "cpu"]) == 0
+    doc = json.load(open(os.path.join(wt, "analysis", "reinit.json")))
+    summary = json.load(open(os.path.join(wt, "summary.json")))
+    metric = doc["settings"]["task_metric"]
+    assert doc["values"]["baseline"] == pytest.approx(summary["test"][metric], abs=1e-9)
+
+
+def _analyze_copy_run(src, dst):
+    import shutil
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("analysis"))
+    return str(dst)
+
+
+def test_analyze_knn_features_float32(analyze_runs, tmp_path):
+    """Issue 10.6: pooled features above 65504 (float16's max) must not turn into inf/NaN.
+    Scaling the patch conv (weight and bias) by 1e6 scales its output, so the cosine k-NN at
+    that layer is unchanged -- with float16 storage it became garbage."""
+    _, wt = analyze_runs
+    plain, scaled = _analyze_copy_run(wt, tmp_path / "plain"), _analyze_copy_run(wt, tmp_path / "scaled")
+    ck = models.read_checkpoint(os.path.join(scaled, "best.pt"))
+    for k in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
+        ck["model"][k] = ck["model"][k] * 1e6
+    torch.save(ck, os.path.join(scaled, "best.pt"))
+    a = ["--metric", "knn", "--batch-size", "32", "--k", "5", "--device", "cpu"]
+    values = []
+    for run in (plain, scaled):
+        assert analyze.main(["--run", run] + a) == 0
+        values.append(json.load(open(os.path.join(run, "analysis", "knn.json")))["values"])
+    for t in ("cls", "patches", "all"):
+        assert values[1][t][0] is not None and values[1][t][0] == pytest.approx(values[0][t][0], abs=1e-9), t
+
+
+def test_analyze_warns_on_small_samples(analyze_runs, tmp_path, capsys):
+    """Issue 10.7: k > bank size and CKA over fewer images than --batch-size: one-line warnings."""
+    _, wt = analyze_runs
+    run = _analyze_copy_run(wt, tmp_path / "run")
+    assert analyze.main(["--run", run, "--metric", "knn", "--k", "100000", "--device", "cpu"]) == 0
+    err = [l for l in capsys.readouterr().err.splitlines() if "warning" in l]
+    assert len(err) == 1 and "--k 100000" in err[0] and "bank" in err[0]
+    assert analyze.main(["--run", run, "--metric", "cka", "--batch-size", "100000", "--device", "cpu"]) == 0
+    err = [l for l in capsys.readouterr().err.splitlines() if "warning" in l]
+    assert len(err) == 1 and "--batch-size 100000" in err[0]
+    assert analyze.main(["--run", run, "--metric", "cka", "--batch-size", "8", "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def _analyze_snapshot(folder):
+    out = {}
+    for here, _, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(here, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(here, f), folder)] = fh.read()
+    return out
+
+
+_ANALYZE_BAD = {
+    "device cuda without CUDA": lambda run, tmp: ["--run", run, "--device", "cuda"],
+    "config.json is {}": lambda run, tmp: ["--run", tmp["empty"]],
+    "bad --ref": lambda run, tmp: ["--run", run, "--ref", tmp["missing"]],
+    "--ref unfinished": lambda run, tmp: ["--run", run, "--ref", tmp["unfinished"], "--metric", "cka"],
+    "--batch-size 0": lambda run, tmp: ["--run", run, "--batch-size", "0"],
+    "--k 0": lambda run, tmp: ["--run", run, "--k", "0", "--metric", "knn"],
+    "cka on an unfinished run": lambda run, tmp: ["--run", tmp["unfinished"], "--metric", "cka"],
+    "all on an unfinished run": lambda run, tmp: ["--run", tmp["unfinished"]],
+    "--weights without --out": lambda run, tmp: ["--model", "deit_t", "--weights", os.path.join(run, "best.pt")],
+    "--weights not a checkpoint": lambda run, tmp: ["--model", "deit_t", "--weights", os.path.join(run, "config.json"),
+                                                    "--out", tmp["unfinished"], "--metric", "knn"],
+    "--weights of another model": lambda run, tmp: ["--model", "resnet18", "--weights", os.path.join(run, "best.pt"),
+                                                    "--out", tmp["unfinished"], "--metric", "knn"],
+    "cka without --init-weights": lambda run, tmp: ["--model", "deit_t", "--weights", os.path.join(run, "best.pt"),
+                                                    "--out", tmp["unfinished"], "--metric", "cka"],
+    "--run with --weights": lambda run, tmp: ["--run", run, "--weights", os.path.join(run, "best.pt")],
+}
+
+
+@pytest.mark.parametrize("case", list(_ANALYZE_BAD))
+def test_analyze_bad_input_fails_before_writing(case, analyze_runs, tmp_path):
+    """Issue 13: one line on stderr, exit 2, no traceback, and every analysis folder as it was
+    (all checks run before the first write)."""
+    if case.startswith("device cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    st, wt = analyze_runs
+    run = _analyze_copy_run(wt, tmp_path / "run")
+    os.makedirs(os.path.join(run, "analysis"))
+    with open(os.path.join(run, "analysis", "l2.json"), "w") as f:
+        f.write('{"old": true}\n')
+    tmp = {"empty": str(tmp_path / "empty"), "missing": str(tmp_path / "missing"),
+           "unfinished": str(tmp_path / "unfinished")}
+    os.makedirs(tmp["empty"])
+    with open(os.path.join(tmp["empty"], "config.json"), "w") as f:
+        f.write("{}\n")
+    unfinished = _analyze_copy_run(st, tmp["unfinished"])
+    os.remove(os.path.join(unfinished, "summary.json"))
+    before = {k: _analyze_snapshot(v) for k, v in dict(tmp, run=run).items()}
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py")] + _ANALYZE_BAD[case](run, tmp),
+                         capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr
+    assert len(err) == 1 and err[0].startswith("analyze.py: error:"), res.stderr
+    assert "Traceback" not in res.stderr
+    assert {k: _analyze_snapshot(v) for k, v in dict(tmp, run=run).items()} == before
+
+
+def test_analyze_flags_have_help_with_default_once():
+    p = analyze.build_parser()
+    for a in p._actions:
+        if a.dest == "help":
+            continue
+        assert a.help, f"{a.option_strings} has no help text"
+        text = a.help % {"default": a.default}
+        assert text.count("default") <= 1, a.option_strings
+    assert "(default: 128)" in " ".join(p.format_help().split())
+
+
+def test_analyze_has_no_model_specific_code():
+    """Issue 12: model facts live in models.py; no other file tests a model's name."""
+    import re
+    pattern = re.compile(r"""startswith\(\s*\(?\s*["'](deit|swin|resnet|inception)|==\s*["'](deit|swin|resnet|"""
+                         r"""inception)|model_name|_STEM|_MIXED""")
+    for f in ("analyze.py", "train.py", "plots.py", "bench.py", "data.py", "init.py", "metrics.py"):
+        with open(os.path.join(ROOT, f)) as fh:
+            for i, line in enumerate(fh, 1):
+                assert not pattern.search(line), f"{f}:{i}: {line.strip()}"
+    src = open(os.path.join(ROOT, "analyze.py")).read()
+    assert "import train" not in src and "def test_" not in src and "def tqdm" not in src
+
+
+def _timm_deit(num_classes=5, img_size=32, seed=0):
+    timm = pytest.importorskip("timm")
+    lib, name, kw = models.REFERENCE_MODELS["deit_t"]
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kw).eval()
+
+
+def test_analyze_timm_checkpoints(tmp_path):
+    """Issue 12: analyze.py on saved timm checkpoints (no run directory) writes CKA with 25 layers."""
+    ft, ini, ref = (str(tmp_path / f"{k}.pth") for k in ("ft", "init", "ref"))
+    for path, seed in ((ft, 0), (ini, 1), (ref, 2)):
+        torch.save(_timm_deit(seed=seed).state_dict(), path)
+    out = str(tmp_path / "out")
+    a = ["--model", "deit_t", "--weights", ft, "--init-weights", ini, "--data", "synthetic", "--img-size", "32",
+         "--subset", "24", "--batch-size", "24", "--device", "cpu", "--out", out]
+    assert analyze.main(a + ["--metric", "cka", "--ref-weights", ref]) == 0
+    doc = json.load(open(os.path.join(out, "analysis", "cka.json")))
+    assert len(doc["layers"]) == 25 and doc["model"] == "deit_t" and doc["weights"] == os.path.abspath(ft)
+    for key in ("init", "ref"):
+        assert np.asarray(doc["values"][key]["all"], dtype=float).shape == (25, 25)
+    assert doc["facts"] == {"feature_types": ["cls", "patches", "all"], "has_attention": True}
+    # the re-init baseline scores the timm model's own head: it equals timm's own test metric
+    assert analyze.main(a + ["--metric", "reinit"]) == 0
+    doc = json.load(open(os.path.join(out, "analysis", "reinit.json")))
+    _, _, test_ds, info = data.load_splits({"data": "synthetic", "data_root": None, "img_size": 32,
+                                            "split_seed": 0, "subset": 24, "cache_dir": None})
+    m = _timm_deit(seed=0)
+    m.load_state_dict(torch.load(ft, weights_only=True))
+    x = torch.stack([test_ds[i][0] for i in range(len(test_ds))])
+    with torch.no_grad():
+        scores = m(x).float().softmax(1).numpy()
+    want = metrics.task_metric(info["metric"], scores, np.asarray(test_ds.labels))
+    assert doc["values"]["baseline"] == pytest.approx(want, abs=1e-6)
+
+
+_COPYABLE_SCRIPT = r'''
+import sys, torch, timm
+import os
+assert os.path.dirname(os.path.abspath(__file__)) == sys.path[0] and not any(
+    os.path.isfile(os.path.join(p, "data.py")) for p in sys.path[1:] if p), sys.path
+import models, init, metrics
+assert not any(m in sys.modules for m in ("data", "train", "analyze")), "pulled in a toolkit file"
+torch.manual_seed(0)
+lib, name, kw = models.REFERENCE_MODELS["deit_t"]
+theirs = timm.create_model(name, pretrained=False, **kw).eval()
+ours = models.create_model("deit_t")
+report = models.load_pretrained(ours, theirs.state_dict())          # weights from memory
+assert not report["skipped"], report
+models.load_pretrained(ours, {"state_dict": theirs.state_dict()})   # or a dict wrapping one
+ours.eval()
+layers = ours.feature_layers()
+x = torch.randn(16, 3, 224, 224)
+with torch.no_grad(), metrics.capture(theirs, layers) as a, metrics.capture(ours, layers) as b:
+    theirs(x)
+    ours(x)
+values = [metrics.cka(a[l], b[l]) for l in layers]
+assert len(values) == 25 and all(abs(v - 1) < 1e-6 for v in values), values
+assert not any(m._forward_hooks for m in theirs.modules()), "hooks left behind"
+
+# WT-ST-n/m on the timm model with our groups: the same tensors as on ours
+groups = ours.wtst_groups()
+pretrained = {k: v.clone() for k, v in ours.state_dict().items()}
+t2 = timm.create_model(name, pretrained=False, **kw)
+o2 = models.create_model("deit_t")
+init.wtst_init(t2, pretrained, 5, seed=3, groups=groups)
+init.wtst_init(o2, pretrained, 5, seed=3)
+for k, v in o2.state_dict().items():
+    if not k.startswith("head."):
+        assert torch.equal(t2.state_dict()[k], v), k
+assert torch.equal(t2.state_dict()["blocks.3.mlp.fc1.weight"], pretrained["blocks.3.mlp.fc1.weight"])
+assert not torch.equal(t2.state_dict()["blocks.4.mlp.fc1.weight"], pretrained["blocks.4.mlp.fc1.weight"])
+# a 224 pos_embed on a 32 px timm model is resampled as load_pretrained does
+t32 = timm.create_model(name, pretrained=False, img_size=32, **kw)
+init.wtst_init(t32, pretrained, len(groups), groups=groups)
+want = models.resample_pos_embed(pretrained["pos_embed"], (2, 2))
+assert torch.equal(t32.pos_embed.detach(), want)
+assert torch.equal(init.resample_pos_embed(pretrained["pos_embed"], (5, 3)),
+                   models.resample_pos_embed(pretrained["pos_embed"], (5, 3)))
+o32 = models.create_model("deit_t", img_size=32)
+models.load_pretrained(o32, pretrained)
+assert torch.equal(o32.pos_embed.detach(), want)
+print("OK")
+'''
+
+
+def test_copyable_files_work_alone_on_timm(tmp_path):
+    """Issue 12 done-when: models.py, init.py and metrics.py copied alone into a folder, with
+    only that folder (and site-packages) on the path: CKA of a timm DeiT against ours on the
+    same weights is 1 on every layer, wtst_init runs on the timm model with our groups, and
+    weights load from memory."""
+    pytest.importorskip("timm")
+    import shutil
+    for f in ("models.py", "init.py", "metrics.py"):
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    (tmp_path / "check.py").write_text(_COPYABLE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    # -E -s: no PYTHONPATH, no user site; the script's folder (the three files) is the only
+    # project folder on sys.path
+    res = subprocess.run([sys.executable, "-E", "-s", "check.py"], cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout + res.stderr
+
+
+def test_metrics_capture_any_module_and_streaming():
+    """metrics.capture on a torchvision model: outputs detached, hooks gone on exit (also after
+    an error), unknown names refused, and streaming into CKAAccumulator equals one-shot CKA."""
+    import torchvision
+    torch.manual_seed(0)
+    a, b = torchvision.models.resnet18(weights=None).eval(), torchvision.models.resnet18(weights=None).eval()
+    names = ["layer1.0", "layer3.1", "fc"]
+    x = torch.randn(24, 3, 32, 32)
+    with metrics.capture(a, names) as acts:
+        out = a(x)
+    assert set(acts) == set(names) and torch.equal(acts["fc"], out.detach()) and not acts["fc"].requires_grad
+    assert not any(m._forward_hooks for m in a.modules())
+    with pytest.raises(RuntimeError):
+        with metrics.capture(a, names):
+            a(torch.randn(2, 5))
+    assert not any(m._forward_hooks for m in a.modules())
+    with pytest.raises(ValueError, match="no module named"):
+        with metrics.capture(a, ["layer9"]):
+            pass
+    acc = metrics.CKAAccumulator(len(names), mode="minibatch")
+    with torch.no_grad(), metrics.capture(a, names) as fa, metrics.capture(b, names) as fb:
+        for xb in x.split(12):
+            a(xb)
+            b(xb)
+            acc.update_activations([fa[n] for n in names], [fb[n] for n in names])
+        a(x)
+        b(x)
+        whole = {n: (fa[n], fb[n]) for n in names}
+    one_batch = metrics.CKAAccumulator(len(names))
+    one_batch.update_activations([whole[n][0] for n in names], [whole[n][1] for n in names])
+    assert one_batch.compute()[2, 2] == pytest.approx(metrics.cka(*whole["fc"]), abs=1e-6)  # float32 Grams
+    assert acc.n_samples == 24 and acc.compute().shape == (3, 3)
+
+
+def test_models_load_pretrained_from_memory():
+    torch.manual_seed(0)
+    src = models.create_model("resnet18", num_classes=7)
+    for source in (src.state_dict(), {"model": src.state_dict()}, {"state_dict": src.state_dict()}):
+        dst = models.create_model("resnet18", num_classes=7)
+        rep = models.load_pretrained(dst, source)
+        assert rep["source"] == "state dict" and not rep["skipped"]
+        for k, v in src.state_dict().items():
+            assert torch.equal(dst.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="state dict"):
+        models.load_pretrained(dst, {"model": "nope"})
+
+
+def test_readme_own_code_example_runs(tmp_path):
+    """The README section "Use the analyses in your own code" runs as written."""
+    pytest.importorskip("timm")
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Use the analyses in your own code", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    assert 8 <= len([l for l in code.splitlines() if l.strip()]) <= 16
+    res = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 # ========================================================================================
@@ -2168,7 +2493,7 @@ def _plots_write_run(root, model, data, n, seed, analyses=None, ref=None, summar
         return m
 
     head = {"run": os.path.abspath(run), "model": model, "data": data, "init": init, "n": n, "N": N, "seed": seed,
-            "layers": layers}
+            "layers": layers, "facts": {"feature_types": types, "has_attention": deit}}
     docs = {}
     values = {"init": {t: cka(L, 0.5 + 0.5 * frac) for t in types}}
     settings = {"batch_size": 128, "mode": "minibatch", "debiased": True}
@@ -2283,6 +2608,17 @@ def test_plots_handwritten_runs(tmp_path):
             vals.append(json.load(f)["test"]["macro_recall"])
     assert float(row["shapes_mean"]) == pytest.approx(np.mean(vals), rel=1e-5)
     assert float(row["shapes_std"]) == pytest.approx(np.std(vals, ddof=1), rel=1e-4)
+
+
+def test_plots_model_facts_from_json():
+    """plots.py takes model facts from the analysis files (never from the model's name); files
+    without "facts" (older analyze.py) are read by their content."""
+    import plots
+    facts = {"feature_types": ["cls", "patches", "all"], "has_attention": True}
+    assert plots.run_facts({"l2": {"values": [], "facts": facts}}) == facts
+    old = {"cka": {"values": {"init": {"cls": [], "patches": [], "all": []}}}, "attention": {"values": {}}}
+    assert plots.run_facts(old) == {"feature_types": ["all", "cls", "patches"], "has_attention": True}
+    assert plots.run_facts({"l2": {"values": []}}) == {"feature_types": ["all"], "has_attention": False}
 
 
 def test_plots_formats_and_empty_figures(tmp_path):

@@ -270,7 +270,7 @@ class Trainer:
         self.dtype = amp_dtype(cfg, device)
         model.to(device)
         # CNNs run channels_last on CUDA (faster convolutions); decided once, used per batch
-        self.channels_last = device.type == "cuda" and cfg["model"].startswith(("resnet", "inception"))
+        self.channels_last = device.type == "cuda" and model.prefers_channels_last
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
