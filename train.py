@@ -591,12 +591,17 @@ def warn(message):
     print(f"train.py: warning: {message}", file=sys.stderr)
 
 
-def prepare_dir(out, state):
-    """The first write of a start: stale temp files go, --overwrite removes the old run's files
-    and analyses (nothing else in the folder), the folder is created."""
+def remove_leftovers(out):
+    """Temp files of killed writers (`*.tmp<pid>`, pid gone) in the run and its analysis folder."""
     for folder in (out, os.path.join(out, "analysis")):
         if os.path.isdir(folder):
             data.remove_stale_tmp(folder)
+
+
+def prepare_dir(out, state):
+    """The first write of a start: stale temp files go, --overwrite removes the old run's files
+    and analyses (nothing else in the folder), the folder is created."""
+    remove_leftovers(out)
     if state == "replace":
         for f in RUN_FILES:
             if os.path.exists(os.path.join(out, f)):
@@ -620,8 +625,10 @@ def main(argv=None):
         state = existing_run(cfg, args.resume, args.overwrite)
         last = os.path.join(out, "last.pt")
         if state == "finished":
-            if main_rank and not args.keep_last and os.path.exists(last):  # killed right after its summary
-                os.remove(last)
+            if main_rank:
+                remove_leftovers(out)
+                if not args.keep_last and os.path.exists(last):  # killed right after its summary
+                    os.remove(last)
             log(f"{out}: already finished (summary.json exists)")
             return 0
         splits, info, model, init_lines = load_inputs(cfg)
