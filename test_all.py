@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -2322,16 +2323,11 @@ def test_plots_formats_and_empty_figures(tmp_path):
     assert res.stdout.count("cka, knn, reinit, l2, convergence") == 2
 
 
-def test_plots_unreadable_analysis_and_mixed_settings(tmp_path):
-    """A broken analysis file is listed as unreadable (not fatal); seeds averaged together that
-    differ in their settings get a note."""
+def test_plots_mixed_settings_note(tmp_path):
+    """Seeds averaged together that differ in their settings get a note."""
     runs, out = tmp_path / "runs", tmp_path / "figs"
-    a = _plots_write_run(str(runs), "resnet18", "synthetic", 6, 0)
+    _plots_write_run(str(runs), "resnet18", "synthetic", 6, 0)
     b = _plots_write_run(str(runs), "resnet18", "synthetic", 6, 1)
-    with open(os.path.join(a, "analysis", "knn.json"), "w") as f:
-        f.write("{not json")
-    with open(os.path.join(b, "analysis", "l2.json"), "w") as f:
-        json.dump({"values": {"wrong": "shape"}}, f)
     cfg_path = os.path.join(b, "config.json")
     with open(cfg_path) as f:
         doc = json.load(f)
@@ -2339,12 +2335,147 @@ def test_plots_unreadable_analysis_and_mixed_settings(tmp_path):
     _plots_dump(cfg_path, doc)
     res = _plots_run_cli("plots.py", "--runs", str(runs), "--out", str(out), "--format", "png")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert any(a in l and "knn (unreadable" in l for l in lines), res.stdout
-    assert any(b in l and "l2 (unreadable" in l for l in lines), res.stdout
-    assert any("differ in img_size" in l for l in lines), res.stdout
-    files = os.listdir(out)
-    assert "knn_resnet18_synthetic.png" in files and "l2_resnet18_synthetic.png" in files  # from the other seed
+    assert any("differ in img_size" in l for l in res.stdout.splitlines()), res.stdout
+
+
+def _plots_main(argv, capsys):
+    import plots
+    rc = plots.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _plots_log(run, seed, n):
+    """A log.jsonl as train.py writes it: training loss + lr every 2 iterations, validation every 4."""
+    with open(os.path.join(run, "log.jsonl"), "w") as f:
+        for it in range(2, 21, 2):
+            f.write(json.dumps({"iteration": it, "train_loss": 2.0 / it + 0.01 * seed, "lr": 1e-4 * min(1, it / 8)}) + "\n")
+            if it % 4 == 0:
+                f.write(json.dumps({"iteration": it, "epoch": it / 8, "val": {"roc_auc": 0.5 + 0.02 * it + 0.01 * n,
+                                                                             "loss": 1.0}, "best": True}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def plots_done(tmp_path_factory):
+    """Runs (resnet18 n=0 and n=6, 2 seeds, with log.jsonl) and the figures plots.py made of them."""
+    import contextlib
+    import io
+    import plots
+    base = tmp_path_factory.mktemp("plots_done")
+    runs, out = base / "runs", base / "figs"
+    for n in (0, 6):
+        for seed in (0, 1):
+            _plots_log(_plots_write_run(str(runs), "resnet18", "synthetic", n, seed), seed, n)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert plots.main(["--runs", str(runs), "--out", str(out), "--format", "png"]) == 0
+    return {"runs": str(runs), "out": str(out), "stdout": stdout.getvalue()}
+
+
+_PLOTS_BAD = [  # (case, file under the first run to replace and its content, text the error line must hold)
+    ("analysis_not_json", "analysis/knn.json", "{not json", "knn.json"),
+    ("l2_values_dict", "analysis/l2.json", {"values": {"wrong": "shape"}}, "l2.json"),
+    ("cka_init_number", "analysis/cka.json", {"values": {"init": 5}}, "cka.json"),
+    ("knn_layers_numbers", "analysis/knn.json", {"values": {"all": [1]}, "layers": [1, 2]}, "knn.json"),
+    ("cka_ref_n_text", "analysis/cka.json", {"values": {"init": {}}, "settings": {"ref_n": "x"}}, "cka.json"),
+    ("summary_list", "summary.json", [], "summary.json"),
+    ("summary_test_list", "summary.json", {"test": []}, "summary.json"),
+    ("summary_not_json", "summary.json", "[1,", "summary.json"),
+    ("out_file", None, None, "is a file"),
+    ("out_under_file", None, None, "is a file, not a folder"),
+    ("out_unwritable", None, None, "not writable"),
+]
+
+
+@pytest.mark.parametrize("case, name, content, message", _PLOTS_BAD, ids=[c[0] for c in _PLOTS_BAD])
+def test_plots_bad_input_one_line_exit_2(plots_done, tmp_path, monkeypatch, capsys, case, name, content, message):
+    """Malformed run files and unusable --out: one line naming the file or flag, exit 2, no
+    traceback, and the output folder (figures of an earlier call) is unchanged."""
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    shutil.copytree(plots_done["runs"], runs)
+    shutil.copytree(plots_done["out"], out)
+    first = sorted(os.listdir(runs))[0]
+    if name:
+        path = runs / first / name
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    target = out
+    if case == "out_file":
+        target = out / "table.md"
+    elif case == "out_under_file":
+        target = out / "table.md" / "figs"
+    elif case == "out_unwritable":  # (root ignores permission bits: the check itself is exercised)
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: False if os.path.abspath(p) == str(out) else real(p, m))
+    before = _train_tree(out)
+    rc, stdout, stderr = _plots_main(["--runs", str(runs), "--out", str(target), "--format", "png"], capsys)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("plots.py: error:"), stderr
+    assert message in lines[0] and (not name or first in lines[0]), lines[0]
+    assert _train_tree(out) == before
+
+
+def test_plots_garbage_values_dropped_with_a_note(plots_done, tmp_path, capsys):
+    """Values of the right layout but not numbers: the figure is not drawn, and the console says so."""
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    shutil.copytree(plots_done["runs"], runs)
+    for run in os.listdir(runs):
+        path = runs / run / "analysis" / "l2.json"
+        doc = json.loads(path.read_text())
+        doc["values"] = ["x"] * len(doc["values"])
+        path.write_text(json.dumps(doc))
+    rc, stdout, stderr = _plots_main(["--runs", str(runs), "--out", str(out), "--format", "png"], capsys)
+    assert rc == 0, stderr
+    assert "l2_resnet18_synthetic.png" not in os.listdir(out)
+    assert any("l2_resnet18_synthetic not drawn" in l for l in stdout.splitlines()), stdout
+    assert "not drawn" not in plots_done["stdout"]  # the intact runs draw everything
+
+
+def test_plots_training_curves(plots_done, monkeypatch):
+    """Issue 13.10: per model and dataset, training loss / validation metric / lr vs iteration,
+    one line per run, one colour per WT fraction."""
+    import plots
+    assert _plots_is_png(os.path.join(plots_done["out"], "curves_resnet18_synthetic.png"))
+    runs, notes = plots.find_runs(plots_done["runs"])
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, out, name, formats, written: figs.append((name, fig)))
+    args = __import__("types").SimpleNamespace(out=None, formats=["png"], spread="minmax")
+    plots.plot_curves(runs, "resnet18", "synthetic", args, [])
+    (name, fig), = figs
+    loss, val, lr = fig.axes[:3]
+    assert name == "curves_resnet18_synthetic" and [len(ax.get_lines()) for ax in (loss, val, lr)] == [4, 4, 4]
+    colours = {tuple(np.round(matplotlib_colors_to_rgba(l.get_color()), 3)) for l in loss.get_lines()}
+    assert len(colours) == 2  # n = 0 and n = 6
+    x, y = val.get_lines()[0].get_data()
+    assert list(x) == [4, 8, 12, 16, 20] and y[0] == pytest.approx(0.58 + 0.0 * 0.01, abs=0.011)
+    assert lr.get_yscale() == "log" and max(lr.get_lines()[0].get_ydata()) == pytest.approx(1e-4)
+
+
+def matplotlib_colors_to_rgba(c):
+    import matplotlib.colors
+    return matplotlib.colors.to_rgba(c)
+
+
+def test_plots_stale_temp_files_removed(plots_done, tmp_path, capsys):
+    out = tmp_path / "figs"
+    shutil.copytree(plots_done["out"], out)
+    dead, live = _train_dead_pid(), os.getpid()
+    (out / f".sweep_synthetic.png.tmp{dead}").write_bytes(b"x")
+    (out / f".elsewhere.png.tmp{live}").write_bytes(b"x")
+    rc, stdout, stderr = _plots_main(["--runs", plots_done["runs"], "--out", str(out), "--format", "png"], capsys)
+    assert rc == 0, stderr
+    names = os.listdir(out)
+    assert f".sweep_synthetic.png.tmp{dead}" not in names and f".elsewhere.png.tmp{live}" in names
+
+
+def test_plots_help_every_flag_once(capsys):
+    import plots
+    with pytest.raises(SystemExit):
+        plots.parse_args(["--help"])
+    text = capsys.readouterr().out.split("options:")[1]
+    entries = [e for e in __import__("re").split(r"\n  (?=-)", text) if e.strip().startswith("--")]
+    assert len(entries) >= 4
+    for e in entries:
+        helptext = " ".join(e.split()[1:])
+        assert len(helptext) > 10 and helptext.count("default") <= 1 and "default: None" not in helptext, e
 
 
 def test_plots_bad_input(tmp_path):
