@@ -1914,16 +1914,17 @@ def test_train_console_and_finished_files(train_done):
     assert json.load(open(os.path.join(train_done["out"], "summary.json")))["stop_reason"] == "reached --epochs 1"
 
 
-def test_train_help_every_flag_once(capsys):
+@pytest.mark.parametrize("tool, least", [("train", 25), ("plots", 4)])
+def test_cli_help_every_flag_once(capsys, tool, least):
+    """Every flag has help text and its default at most once (never 'default: None')."""
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        importlib.import_module(tool).parse_args(["--help"])
     text = capsys.readouterr().out.split("options:")[1]
     entries = [e for e in __import__("re").split(r"\n  (?=-)", text) if e.strip().startswith("--")]
-    assert len(entries) >= 25
+    assert len(entries) >= least
     for e in entries:
-        flag = e.split()[0]
         helptext = " ".join(e.split()[1:])
-        assert len(helptext) > 10, f"{flag} has no help text"
+        assert len(helptext) > 10, f"{e.split()[0]} has no help text"
         assert helptext.count("default") <= 1 and "default: None" not in helptext, e
 
 
@@ -2464,18 +2465,6 @@ def test_plots_stale_temp_files_removed(plots_done, tmp_path, capsys):
     assert rc == 0, stderr
     names = os.listdir(out)
     assert f".sweep_synthetic.png.tmp{dead}" not in names and f".elsewhere.png.tmp{live}" in names
-
-
-def test_plots_help_every_flag_once(capsys):
-    import plots
-    with pytest.raises(SystemExit):
-        plots.parse_args(["--help"])
-    text = capsys.readouterr().out.split("options:")[1]
-    entries = [e for e in __import__("re").split(r"\n  (?=-)", text) if e.strip().startswith("--")]
-    assert len(entries) >= 4
-    for e in entries:
-        helptext = " ".join(e.split()[1:])
-        assert len(helptext) > 10 and helptext.count("default") <= 1 and "default: None" not in helptext, e
 
 
 def test_plots_bad_input(tmp_path):
