@@ -247,7 +247,7 @@ def _read_csv(path, required, name):
         try:
             rows = [(reader.line_num, row) for row in reader]
         except csv.Error as e:  # e.g. a field over the csv module's size limit
-            raise ValueError(f"{name}: {path} line {reader.line_num}: {e}") from None
+            raise ValueError(f"{name}: {path}: a row after line {reader.line_num}: {e}") from None
     for line, row in rows:
         if any(row[c] is None for c in required):
             raise ValueError(f"{name}: {path} line {line} has fewer fields than the header "

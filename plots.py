@@ -821,6 +821,7 @@ def parse_args(argv=None):
     p.add_argument("--format", default="png,pdf", help="comma-separated figure formats: png, pdf, svg")
     p.add_argument("--spread", choices=["minmax", "std"], default="minmax",
                    help="band around the mean over seeds: min-max or mean +- one std")
+    p.error = lambda message: p.exit(2, f"plots.py: error: {message} (see --help)\n")  # one line, no usage
     return p.parse_args(argv)
 
 
@@ -887,7 +888,10 @@ def plot_all(args):
         print(f"missing analyses ({len(missing)} of {len(runs)} runs; figures use the runs that have them):")
         for r in missing:
             print(f"  {r['dir']}: {', '.join(r['missing'])}")
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:  # e.g. a read-only or virtual file system that os.access cannot tell
+        raise ValueError(f"--out {args.out}: cannot create the folder ({e.strerror})") from None
     remove_stale_tmp(args.out)
     written, notes = [], []
     datasets = order([r["data"] for r in runs], DATA_ORDER)

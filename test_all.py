@@ -1765,7 +1765,10 @@ def _train_main(argv, capsys=None):
     import io
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train.main(argv)
+        try:
+            rc = train.main(argv)
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -1828,6 +1831,8 @@ _TRAIN_BAD = [  # (extra flags, text the one error line must hold); {base} = the
     (_TRAIN_RI + ["--clip", "nan"], "--clip nan"),
     (_TRAIN_RI + ["--lr", "inf"], "--lr inf"),
     (_TRAIN_RI + ["--lr", "0"], "--lr 0"),
+    (_TRAIN_RI + ["--lr", "-1e-4"], "--lr"),
+    (_TRAIN_RI + ["--batch-size", "abc"], "--batch-size"),
     (_TRAIN_RI + ["--weight-decay", "-1"], "--weight-decay -1"),
     (_TRAIN_RI + ["--device", "tpu"], "--device 'tpu'"),
     (_TRAIN_RI + ["--model", "resnet99"], "--model 'resnet99'"),
@@ -1840,7 +1845,7 @@ _TRAIN_BAD = [  # (extra flags, text the one error line must hold); {base} = the
     (["--weights", "/nonexistent/w.pt"], "/nonexistent/w.pt"),
     (_TRAIN_RI + ["--data", "aptos"], "--data-root"),
     (_TRAIN_RI + ["--data", "aptos", "--data-root", "/nonexistent/APTOS"], "/nonexistent/APTOS"),
-    (_TRAIN_RI + ["--data", "aptos", "--data-root", "{base}/aptos_long"], "train.csv line"),
+    (_TRAIN_RI + ["--data", "aptos", "--data-root", "{base}/aptos_long"], "train.csv: a row after line 1"),
 ]
 
 
@@ -1860,7 +1865,7 @@ def test_train_bad_input_changes_nothing(train_done, tmp_path, extra, message):
         assert not os.path.exists(tmp_path / "new")
 
 
-@pytest.mark.parametrize("case", ["file", "under_file", "unwritable", "cuda", "not_a_run"])
+@pytest.mark.parametrize("case", ["file", "under_file", "unwritable", "uncreatable", "cuda", "not_a_run"])
 def test_train_bad_out_and_device(train_done, tmp_path, monkeypatch, case):
     afile = os.path.join(train_done["base"], "afile")
     out, extra, message = str(tmp_path / "run"), [], None
@@ -1872,6 +1877,10 @@ def test_train_bad_out_and_device(train_done, tmp_path, monkeypatch, case):
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, m: False if os.path.abspath(p) == str(tmp_path) else real(p, m))
         message = "not writable"
+    elif case == "uncreatable":  # a virtual file system that os.access calls writable (as root)
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+        out, message = "/proc/wtst_run", "cannot create"
     elif case == "cuda":
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
@@ -2384,6 +2393,7 @@ _PLOTS_BAD = [  # (case, file under the first run to replace and its content, te
     ("out_file", None, None, "is a file"),
     ("out_under_file", None, None, "is a file, not a folder"),
     ("out_unwritable", None, None, "not writable"),
+    ("out_uncreatable", None, None, "--out /proc/"),
 ]
 
 
@@ -2403,6 +2413,8 @@ def test_plots_bad_input_one_line_exit_2(plots_done, tmp_path, monkeypatch, caps
         target = out / "table.md"
     elif case == "out_under_file":
         target = out / "table.md" / "figs"
+    elif case == "out_uncreatable":
+        target = "/proc/wtst_figs"
     elif case == "out_unwritable":  # (root ignores permission bits: the check itself is exercised)
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, m: False if os.path.abspath(p) == str(out) else real(p, m))

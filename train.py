@@ -128,6 +128,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 8 on CUDA, 0 on CPU)")
     p.add_argument("--cache-dir", default=None, help="where the pre-resized image cache lives (default: see data.py)")
     p.add_argument("--log-every", type=int, default=20, help="log the training loss every k iterations")
+    p.error = lambda message: p.exit(2, f"train.py: error: {message} (see --help)\n")  # one line, no usage
     return p.parse_args(argv)
 
 
@@ -581,14 +582,7 @@ def load_inputs(cfg):
         model, init_lines = build_model(cfg, info["num_classes"])
     except (ValueError, OSError) as e:
         raise ValueError(str(e) if str(e).startswith("--weights") else f"--weights {cfg['weights']}: {e}") from None
-    if len(splits[0]) < cfg["batch_size"]:  # legitimate for tiny tests, surprising in a study
-        warn(f"the training set has {len(splits[0])} images, fewer than one batch (--batch-size "
-             f"{cfg['batch_size']}): every epoch is one partial batch of {len(splits[0])}")
     return splits, info, model, init_lines
-
-
-def warn(message):
-    print(f"train.py: warning: {message}", file=sys.stderr)
 
 
 def remove_leftovers(out):
@@ -607,7 +601,10 @@ def prepare_dir(out, state):
             if os.path.exists(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
         shutil.rmtree(os.path.join(out, "analysis"), ignore_errors=True)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # e.g. a read-only or virtual file system that os.access cannot tell
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror})") from None
 
 
 def main(argv=None):
@@ -632,6 +629,10 @@ def main(argv=None):
             log(f"{out}: already finished (summary.json exists)")
             return 0
         splits, info, model, init_lines = load_inputs(cfg)
+        if main_rank and len(splits[0]) < cfg["batch_size"]:  # fine for a smoke test, surprising in a study
+            print(f"train.py: warning: the training set has {len(splits[0])} images, fewer than one batch "
+                  f"(--batch-size {cfg['batch_size']}): every epoch is one partial batch of {len(splits[0])}",
+                  file=sys.stderr)
         # -- every input is checked: the first write is below
         if main_rank:
             prepare_dir(out, state)
