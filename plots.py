@@ -21,6 +21,7 @@ Files written to --out (one per format for figures), x = WT fraction n/N, 0 = ST
 | `reinit_<model>_<data>.png` | test metric with one layer reverted to init, and the drop, one line per n (Fig. 16) |
 | `l2_<model>_<data>.png` | l2 distance init -> fine-tuned per layer, one line per n (Fig. 17) |
 | `attention_<model>_<data>.png` | DeiT only: mean attention distance per block, one line per n (Fig. 18) |
+| `curves_<model>_<data>.png` | training loss, validation metric and lr vs iteration of every run, one colour per WT fraction (from log.jsonl) |
 | `convergence_<data>.png` | iterations to the best validation metric vs WT fraction, and the speed-up over ST = mean ST iterations / iterations (Fig. 19) |
 | `table.md`, `table.csv` | test metric mean +- sample std over seeds, rows = (model, init), columns = datasets (Table 4: DeiT-S vs DeiT-S-5b) |
 """
@@ -30,6 +31,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -80,6 +82,52 @@ def run_facts(analyses):
     return {"feature_types": types or ["all"], "has_attention": "attention" in analyses}
 
 
+def bad_file(path, what):
+    """A file plots.py cannot use: the one-line error that names it."""
+    return ValueError(f"{path}: {what}; fix or delete it (train.py / analyze.py rewrite it)")
+
+
+def check_analysis(a, doc):
+    """The containers plots.py reads from analysis/<a>.json (README schema); what is wrong, or None.
+    Numbers inside are not checked here: garbage there drops a figure with a note."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    values = doc.get("values")
+    if not isinstance(values, list if a == "l2" else dict):
+        return f"'values' is not a {'list' if a == 'l2' else 'dict'} as in the README schema"
+    layers = doc.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(l, str) for l in layers):
+        return "'layers' is not a list of layer names"
+    settings = doc.get("settings", {})
+    if not isinstance(settings, dict):
+        return "'settings' is not a dict"
+    if any(settings.get(k) is not None and not isinstance(settings[k], int) for k in ("ref_n", "ref_N")):
+        return "'settings' ref_n / ref_N are not integers"
+    if a == "cka" and any(values.get(k) is not None and not isinstance(values[k], dict) for k in ("init", "ref")):
+        return "'values' init / ref are not dicts of matrices"
+    return None
+
+
+def read_log(path, notes):
+    """log.jsonl as a list of records (lines that do not parse are skipped with a note)."""
+    records, bad = [], 0
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    bad += 1
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("iteration"), (int, float)):
+                    records.append(r)
+    except OSError:
+        return []
+    if bad:
+        notes.append(f"note: {path}: {bad} line(s) that are not JSON skipped")
+    return records
+
+
 def load_run(path, notes):
     """One run directory as a dict (config, data info, summary, analyses), or None to skip it."""
     try:
@@ -89,14 +137,19 @@ def load_run(path, notes):
     except (OSError, ValueError, KeyError, TypeError) as e:
         notes.append(f"skipped {path}: unreadable config.json ({type(e).__name__}: {e})")
         return None
+    if not isinstance(info, dict) or not all(isinstance(cfg.get(k), int) or cfg.get(k) is None for k in ("n", "N")):
+        notes.append(f"skipped {path}: config.json is not a train.py run's (data / n / N)")
+        return None
     if not os.path.isfile(os.path.join(path, "summary.json")):
         notes.append(f"skipped {path}: no summary.json (run not finished)")
         return None
+    where = os.path.join(path, "summary.json")
     try:
-        summary = read_json(os.path.join(path, "summary.json"))
+        summary = read_json(where)
     except (OSError, ValueError) as e:
-        notes.append(f"skipped {path}: unreadable summary.json ({e})")
-        return None
+        raise bad_file(where, f"not readable JSON ({e})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("test", {}), dict):
+        raise bad_file(where, "not a JSON object with a 'test' dict as train.py writes it")
     # folder/csv runs are shown (and grouped) under the folder's name
     run = {"dir": path, "model": cfg["model"], "data": info.get("display_name") or cfg["data"], "init": cfg.get("init"),
            "n": cfg.get("n"), "N": cfg.get("N"), "seed": cfg.get("seed"), "summary": summary,
@@ -107,17 +160,20 @@ def load_run(path, notes):
         f = os.path.join(path, "analysis", f"{a}.json")
         try:
             doc = read_json(f)
-            if not isinstance(doc, dict) or not isinstance(doc.get("values"), list if a == "l2" else dict):
-                raise ValueError(f"'values' is not a {'list' if a == 'l2' else 'dict'} as in the README schema")
-            run["analysis"][a] = doc
         except FileNotFoundError:
             run["missing"].append(a)
+            continue
         except (OSError, ValueError) as e:
-            run["missing"].append(f"{a} (unreadable: {e})")
+            raise bad_file(f, f"not readable JSON ({e})") from None
+        wrong = check_analysis(a, doc)
+        if wrong:
+            raise bad_file(f, wrong)
+        run["analysis"][a] = doc
     run["facts"] = run_facts(run["analysis"])
     if not run["facts"]["has_attention"]:  # attention distance applies to DeiT only
         run["missing"] = [m for m in run["missing"] if not m.startswith("attention")]
     run["settings"] = {k: cfg.get(k) for k in SETTINGS}
+    run["log"] = read_log(os.path.join(path, "log.jsonl"), notes)
     return run
 
 
@@ -677,6 +733,46 @@ def plot_convergence(runs, data, args, written):
     save(fig, args.out, f"convergence_{data}", args.formats, written)
 
 
+def curve(log, key, sub=None):
+    """(iterations, values) of the log records holding `key` (and val[sub]); non-numbers are NaN."""
+    pts = [(r["iteration"], r[key] if sub is None else r[key].get(sub)) for r in log
+           if key in r and (sub is None or isinstance(r[key], dict))]
+    return arr([p[0] for p in pts]), arr([v if isinstance(v, (int, float)) else None for _, v in pts])
+
+
+def plot_curves(runs, model, data, args, written):
+    """Training curves of every run: training loss, validation metric and lr vs iteration,
+    one colour per WT fraction (RI dashed), each seed its own line."""
+    have = [r for r in runs if r["log"]]
+    if not have:
+        return
+    N, metric = have[0]["N"], have[0]["metric"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    drawn = False
+    for n, g in by_n(have):
+        for k, r in enumerate(sorted(g, key=lambda r: str(r["seed"]))):
+            style = dict(color=n_color(n, N), ls="--" if n is None else "-", lw=1, alpha=0.8,
+                         label=f"{init_label(n, N)} ({len(g)})" if k == 0 else None)
+            for ax, (key, sub) in zip(axes, [("train_loss", None), ("val", metric), ("lr", None)]):
+                x, y = curve(r["log"], key, sub)
+                if x.ndim == 1 and np.isfinite(y).any():
+                    ax.plot(x, y, **style)
+                    drawn = True
+    if not drawn:
+        plt.close(fig)
+        return
+    for ax, label in zip(axes, ["training loss", f"validation {pretty(metric)}", "learning rate"]):
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if axes[2].get_lines() and all(np.nanmin(ln.get_ydata()) > 0 for ln in axes[2].get_lines()):
+        axes[2].set_yscale("log")  # warm-up ramp and x0.1 plateau steps read as straight lines
+    figure_legend(fig, axes)
+    fig.suptitle(f"{pretty(model)} on {pretty(data)}: training curves (one line per run, colour = WT fraction)",
+                 fontsize=10)
+    save(fig, args.out, f"curves_{model}_{data}", args.formats, written)
+
+
 # ----------------------------------------------------------------------------- Table 4
 def table_rows(runs):
     """[(model, init label, {data: [test values]}, {data: metric})] in a stable order."""
@@ -736,11 +832,55 @@ def parse_args(argv=None):
     p.add_argument("--format", default="png,pdf", help="comma-separated figure formats: png, pdf, svg")
     p.add_argument("--spread", choices=["minmax", "std"], default="minmax",
                    help="band around the mean over seeds: min-max or mean +- one std")
+    p.error = lambda message: p.exit(2, f"plots.py: error: {message} (see --help)\n")  # one line, no usage
     return p.parse_args(argv)
+
+
+def check_out(out):
+    """--out is, or can become, a writable folder: checked before anything is read or written."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {out}: is a file, expected a folder for the figures")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
+
+
+def remove_stale_tmp(folder):
+    """Temp files of a killed plots.py (`.<name>.tmp<pid>`, pid gone) in the output folder.
+    (data.remove_stale_tmp does this for runs and caches; plots.py does not import torch.)"""
+    for name in os.listdir(folder):
+        m = re.search(r"\.tmp(\d+)$", name)
+        if m and os.path.isfile(os.path.join(folder, name)):
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(folder, name))
+            except (PermissionError, OverflowError, OSError):
+                pass  # another user's live process, or not a pid: keep it
+
+
+def draw(fn, what, have_data, written, notes, *fn_args):
+    """Run one figure function; a figure dropped although its inputs exist gets a note, and an
+    input the figure cannot use is a one-line error instead of a traceback."""
+    before = len(written)
+    try:
+        fn(*fn_args)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+        plt.close("all")
+        raise ValueError(f"{what}: its input files do not have the README's layout "
+                         f"({type(e).__name__}: {e})") from None
+    if have_data and len(written) == before:
+        notes.append(f"note: {what} not drawn: its values are not numbers (null, text or mismatched shapes)")
 
 
 def plot_all(args):
     """Find the runs, draw every figure that has data; returns the files written."""
+    check_out(args.out)
     if not os.path.isdir(args.runs):
         raise FileNotFoundError(f"--runs {args.runs}: no such folder (expected a folder of run directories)")
     args.formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
@@ -759,23 +899,32 @@ def plot_all(args):
         print(f"missing analyses ({len(missing)} of {len(runs)} runs; figures use the runs that have them):")
         for r in missing:
             print(f"  {r['dir']}: {', '.join(r['missing'])}")
-    os.makedirs(args.out, exist_ok=True)
-    written = []
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:  # e.g. a read-only or virtual file system that os.access cannot tell
+        raise ValueError(f"--out {args.out}: cannot create the folder ({e.strerror})") from None
+    remove_stale_tmp(args.out)
+    written, notes = [], []
     datasets = order([r["data"] for r in runs], DATA_ORDER)
     for data in datasets:
         druns = [r for r in runs if r["data"] == data]
-        plot_sweep(druns, data, args, written)
-        plot_knn_max(druns, data, args, written)
-        plot_convergence(druns, data, args, written)
+        tests = any(r["summary"].get("test") for r in druns)
+        draw(plot_sweep, f"sweep_{data}", tests, written, notes, druns, data, args, written)
+        draw(plot_knn_max, f"knn_max_{data}", any("knn" in r["analysis"] for r in druns), written, notes,
+             druns, data, args, written)
+        draw(plot_convergence, f"convergence_{data}", False, written, notes, druns, data, args, written)
         for model in order([r["model"] for r in druns], MODEL_ORDER):
             mruns = [r for r in druns if r["model"] == model]
-            plot_cka(mruns, model, data, args, written)
-            plot_knn(mruns, model, data, args, written)
-            plot_reinit(mruns, model, data, args, written)
-            plot_l2(mruns, model, data, args, written)
+            figures = [(plot_curves, "curves", "log"), (plot_cka, "cka", "cka"), (plot_knn, "knn", "knn"),
+                       (plot_reinit, "reinit", "reinit"), (plot_l2, "l2", "l2")]
             if any(r["facts"]["has_attention"] for r in mruns):
-                plot_attention(mruns, model, data, args, written)
+                figures.append((plot_attention, "attention", "attention"))
+            for fn, name, source in figures:
+                have = any(r[source] if source == "log" else source in r["analysis"] for r in mruns)
+                draw(fn, f"{name}_{model}_{data}", have, written, notes, mruns, model, data, args, written)
     write_table(runs, args, written)
+    for note in notes:
+        print(note)
     return written
 
 
@@ -783,7 +932,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         written = plot_all(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"plots.py: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(written)} files to {os.path.abspath(args.out)}:")

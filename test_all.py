@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -1889,8 +1890,9 @@ def test_train_tiny_run_end_to_end(tmp_path):
     out = str(tmp_path / "run")
     p = _train_run(["--model", "resnet18", "--n", "3", "--epochs", "2", "--out", out] + _TRAIN_TINY, tmp_path)
     assert "resnet18-f37072fd.pth" in p.stdout  # loaded from the hub cache
-    for f in ("config.json", "init.pt", "best.pt", "last.pt", "log.jsonl", "summary.json"):
+    for f in ("config.json", "init.pt", "best.pt", "log.jsonl", "summary.json"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
+    assert not os.path.exists(os.path.join(out, "last.pt"))  # a finished run drops it (--keep-last keeps it)
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["config"]["n"] == 3 and cfg["config"]["N"] == 6 and cfg["config"]["init"] == "wtst"
     assert cfg["data"]["metric"] == "quadratic_kappa" and "torch" in cfg["versions"]
@@ -2000,12 +2002,21 @@ def test_train_mismatched_weights_and_nan_loss(tmp_path):
     p = _train_run(_TRAIN_TINY + ["--model", "resnet18", "--epochs", "1", "--weights", str(w),
                                   "--out", str(tmp_path / "mm")], tmp_path, check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "deit.pt" in p.stderr, p.stderr
-    # a learning rate that blows the weights up: stop, keep the last good checkpoint, exit 2
+    # a learning rate that blows the weights up: stop, say only what is true, exit 2
     out = str(tmp_path / "nan")
-    p = _train_run(_TRAIN_TINY + ["--model", "resnet18", "--init", "ri", "--epochs", "3", "--lr", "1e25",
-                                  "--warmup", "1", "--clip", "0", "--out", out], tmp_path, check=False)
-    assert p.returncode == 2 and "non-finite" in p.stderr, p.stdout + p.stderr
-    assert "summary.json" in os.listdir(out)
+    args = _TRAIN_TINY + ["--model", "resnet18", "--init", "ri", "--epochs", "3", "--lr", "1e25", "--warmup", "1",
+                          "--clip", "0", "--out", out]
+    p = _train_run(args, tmp_path, check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and "diverged" in err[0] and "non-finite" in err[0], p.stderr
+    assert "no checkpoint was saved" in err[0] and "last.pt" not in err[0]
+    assert not os.path.exists(os.path.join(out, "best.pt")) and not os.path.exists(os.path.join(out, "last.pt"))
+    assert json.load(open(os.path.join(out, "summary.json")))["stop_reason"] == "diverged"
+    # --resume does not call it finished
+    p = _train_run(args + ["--resume"], tmp_path, check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and "diverged" in err[0] and "--overwrite" in err[0], p.stderr
+    assert "already finished" not in p.stdout
 
 
 def test_train_epoch_batches_cover_and_resume():
@@ -2023,6 +2034,275 @@ def test_train_epoch_batches_cover_and_resume():
         r.set_epoch(2)
     b0, b1 = next(iter(r0)), next(iter(r1))
     assert sorted(b0 + b1) == sorted(full[0])
+
+
+# ----------------------------------------------------------------------------- train: issue 10 / 13
+def _train_main(argv, capsys=None):
+    """train.main in-process (no interpreter start-up): (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = train.main(argv)
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _train_tree(root):
+    """{relative path: sha1 of the content} of every file under root: a failed start must not change it."""
+    import hashlib
+    tree = {}
+    for here, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(here, f)
+            tree[os.path.relpath(p, root)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
+    return tree
+
+
+def _train_dead_pid():
+    """The pid of a process that has exited (a killed writer)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture(scope="module")
+def train_done(tmp_path_factory):
+    """One finished tiny run shared by the tests below (resnet18, RI, 1 epoch), with an analysis file,
+    its console output, and bad --weights files next to it."""
+    base = tmp_path_factory.mktemp("train_done")
+    out = str(base / "run")
+    rc, stdout, stderr = _train_main(["--model", "resnet18", "--init", "ri", "--epochs", "1", "--out", out]
+                                     + _TRAIN_TINY)
+    assert rc == 0, stderr
+    os.makedirs(os.path.join(out, "analysis"))
+    data.save_json(os.path.join(out, "analysis", "l2.json"), {"metric": "l2", "values": [1.0]})
+    sd = models.create_model("resnet18", num_classes=5, img_size=32).state_dict()
+    nan = dict(sd, **{"layer1.0.conv1.weight": sd["layer1.0.conv1.weight"].clone().fill_(float("nan"))})
+    torch.save(nan, base / "nan.pt")
+    torch.save({"model": models.create_model("deit_t", num_classes=5, img_size=32).state_dict()}, base / "deit.pt")
+    torch.save({"model": dict(sd, **{"conv1.weight": "not a tensor"})}, base / "text.pt")
+    (base / "afile").write_text("x")
+    root = base / "aptos_long"  # a CSV whose field is over the csv module's limit
+    root.mkdir()
+    (root / "train.csv").write_text("id_code,diagnosis\n" + "a" * 200_000 + ",1\n")
+    return {"out": out, "base": str(base), "stdout": stdout, "stderr": stderr}
+
+
+_TRAIN_RI = ["--init", "ri"]
+_TRAIN_BAD = [  # (extra flags, text the one error line must hold); {base} = the fixture's folder
+    (_TRAIN_RI + ["--batch-size", "0"], "--batch-size 0"),
+    (_TRAIN_RI + ["--log-every", "0"], "--log-every 0"),
+    (_TRAIN_RI + ["--subset", "0"], "--subset 0"),
+    (_TRAIN_RI + ["--seed", "-1"], "--seed -1"),
+    (_TRAIN_RI + ["--split-seed", "-1"], "--split-seed -1"),
+    (_TRAIN_RI + ["--epochs", "0"], "--epochs 0"),
+    (_TRAIN_RI + ["--epochs", "-3"], "--epochs -3"),
+    (_TRAIN_RI + ["--patience", "0"], "--patience 0"),
+    (_TRAIN_RI + ["--plateau-patience", "-1"], "--plateau-patience -1"),
+    (_TRAIN_RI + ["--warmup", "-1"], "--warmup -1"),
+    (_TRAIN_RI + ["--workers", "-1"], "--workers -1"),
+    (_TRAIN_RI + ["--img-size", "0"], "--img-size 0"),
+    (_TRAIN_RI + ["--model", "deit_t", "--img-size", "40"], "--img-size 40"),
+    (_TRAIN_RI + ["--clip", "nan"], "--clip nan"),
+    (_TRAIN_RI + ["--lr", "inf"], "--lr inf"),
+    (_TRAIN_RI + ["--lr", "0"], "--lr 0"),
+    (_TRAIN_RI + ["--lr", "-1e-4"], "--lr"),
+    (_TRAIN_RI + ["--batch-size", "abc"], "--batch-size"),
+    (_TRAIN_RI + ["--weight-decay", "-1"], "--weight-decay -1"),
+    (_TRAIN_RI + ["--device", "tpu"], "--device 'tpu'"),
+    (_TRAIN_RI + ["--model", "resnet99"], "--model 'resnet99'"),
+    (["--n", "9"], "0..6"),
+    (["--init", "st", "--n", "3"], "--init st"),
+    (["--weights", "README.md"], "README.md"),
+    (["--weights", "{base}/nan.pt"], "non-finite"),
+    (["--weights", "{base}/deit.pt"], "does not fit resnet18"),
+    (["--weights", "{base}/text.pt"], "not tensors"),
+    (["--weights", "/nonexistent/w.pt"], "/nonexistent/w.pt"),
+    (_TRAIN_RI + ["--data", "aptos"], "--data-root"),
+    (_TRAIN_RI + ["--data", "aptos", "--data-root", "/nonexistent/APTOS"], "/nonexistent/APTOS"),
+    (_TRAIN_RI + ["--data", "aptos", "--data-root", "{base}/aptos_long"], "train.csv: a row after line 1"),
+]
+
+
+@pytest.mark.parametrize("extra, message", _TRAIN_BAD, ids=[" ".join(e) for e, _ in _TRAIN_BAD])
+def test_train_bad_input_changes_nothing(train_done, tmp_path, extra, message):
+    """Every bad input: exit 2, one line naming it, no traceback; with --overwrite the finished
+    run is left byte-identical, and a fresh --out is not created."""
+    extra = [a.format(base=train_done["base"]) for a in extra]
+    args = ["--model", "resnet18"] + _TRAIN_TINY + ["--epochs", "1"]
+    before = _train_tree(train_done["out"])
+    for out in (["--out", train_done["out"], "--overwrite"], ["--out", str(tmp_path / "new" / "run")]):
+        rc, stdout, stderr = _train_main(args + extra + out)
+        lines = stderr.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("train.py: error:"), stderr
+        assert message in lines[0], lines[0]
+        assert _train_tree(train_done["out"]) == before
+        assert not os.path.exists(tmp_path / "new")
+
+
+@pytest.mark.parametrize("case", ["file", "under_file", "unwritable", "uncreatable", "cuda", "not_a_run"])
+def test_train_bad_out_and_device(train_done, tmp_path, monkeypatch, case):
+    afile = os.path.join(train_done["base"], "afile")
+    out, extra, message = str(tmp_path / "run"), [], None
+    if case == "file":
+        out, message = afile, "is a file"
+    elif case == "under_file":
+        out, message = os.path.join(afile, "run"), "is a file, not a folder"
+    elif case == "unwritable":  # (root ignores permission bits: the check itself is exercised)
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: False if os.path.abspath(p) == str(tmp_path) else real(p, m))
+        message = "not writable"
+    elif case == "uncreatable":  # a virtual file system that os.access calls writable (as root)
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+        out, message = "/proc/wtst_run", "--out /proc/wtst_run"
+    elif case == "cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        extra, message = ["--device", "cuda"], "CUDA is not available"
+    else:  # a folder with somebody else's config.json and analyses
+        os.makedirs(os.path.join(out, "analysis"))
+        data.save_json(os.path.join(out, "config.json"), {"lr": 1})
+        data.save_json(os.path.join(out, "analysis", "x.json"), {})
+        extra, message = ["--overwrite"], "not a train.py run"
+    before = _train_tree(tmp_path)
+    rc, stdout, stderr = _train_main(["--model", "resnet18", "--init", "ri", "--out", out] + _TRAIN_TINY + extra)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and message in lines[0], stderr
+    assert _train_tree(tmp_path) == before and os.path.exists(out) == (case in ("file", "not_a_run"))
+
+
+def test_train_first_start_reports_every_missing_input(tmp_path, monkeypatch):
+    """The card's first command with neither data nor ImageNet weights: one line naming
+    --data-root and the exact path of the weights file; nothing written."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    out = str(tmp_path / "runs" / "x")
+    rc, stdout, stderr = _train_main(["--model", "deit_s", "--n", "5", "--data", "aptos", "--out", out])
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, stderr
+    want = str(tmp_path / "th" / "hub" / "checkpoints" / "deit_small_patch16_224-cd65a155.pth")
+    assert "--data-root" in lines[0] and want in lines[0] and models.imagenet_path("deit_s") == want
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_train_console_and_finished_files(train_done):
+    """The start line says RI and float32 (no n=None, amp None); validation lines show only
+    validation numbers; last.pt is gone after the run; no warnings."""
+    lines = train_done["stdout"].splitlines()
+    assert "init RI" in lines[0] and "float32" in lines[0], lines[0]
+    assert not any("None" in l for l in lines[:2])
+    vals = [l for l in lines if l.startswith("it ")]
+    assert len(vals) == 2 and all("train" not in l and "val loss" in l for l in vals), vals
+    assert train_done["stderr"] == ""
+    assert not os.path.exists(os.path.join(train_done["out"], "last.pt"))
+    assert json.load(open(os.path.join(train_done["out"], "summary.json")))["stop_reason"] == "reached --epochs 1"
+
+
+@pytest.mark.parametrize("tool, least", [("train", 25), ("plots", 4)])
+def test_cli_help_every_flag_once(capsys, tool, least):
+    """Every flag has help text and its default at most once (never 'default: None')."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(tool).parse_args(["--help"])
+    text = capsys.readouterr().out.split("options:")[1]
+    entries = [e for e in __import__("re").split(r"\n  (?=-)", text) if e.strip().startswith("--")]
+    assert len(entries) >= least
+    for e in entries:
+        helptext = " ".join(e.split()[1:])
+        assert len(helptext) > 10, f"{e.split()[0]} has no help text"
+        assert helptext.count("default") <= 1 and "default: None" not in helptext, e
+
+
+def test_train_warmup_neither_stops_nor_cuts_lr(tmp_path):
+    """Issue 10.1: an lr so small that the validation metric cannot move; patience 2 and plateau
+    patience 0 would stop the run at iteration 6 and cut the lr at 4 if the warm-up (8) counted."""
+    out = str(tmp_path / "run")
+    lr = 1e-30
+    rc, stdout, stderr = _train_main(["--model", "deit_t", "--init", "ri", "--epochs", "3", "--lr", str(lr),
+                                      "--weight-decay", "0", "--warmup", "8", "--patience", "2",
+                                      "--plateau-patience", "0", "--out", out]
+                                     + [a for a in _TRAIN_TINY if a not in ("--warmup", "4")] + ["--log-every", "1"])
+    assert rc == 0, stderr
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    vals = [r["val"]["quadratic_kappa"] for r in log if "val" in r]
+    assert len(set(vals)) == 1  # the metric did not move: every validation after the first is "bad"
+    lrs = {r["iteration"]: r["lr"] for r in log if "lr" in r}
+    assert sorted(lrs) == list(range(1, 13))  # not stopped inside the warm-up (nor at its end)
+    for it in range(1, 11):  # steps 1..10 run before the first post-warm-up validation (at 10)
+        assert lrs[it] == pytest.approx(lr * min(1.0, it / 8), rel=1e-6), it
+    assert lrs[11] == pytest.approx(lr * 0.1, rel=1e-6)  # then the plateau counts (patience 0)
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["iterations"] == 12 and s["stop_reason"].startswith("early stopping")
+    assert s["best_iteration"] == 2  # the best is tracked from the start
+
+
+def test_train_pcam_default_size_is_the_recipe():
+    """Issue 10.2: PatchCamelyon is resized to 256 and cropped to 224 like every dataset; 96 stays possible."""
+    args = train.parse_args(["--model", "deit_s", "--data", "camelyon", "--data-root", "/x", "--init", "ri"])
+    assert train.resolve_config(args)["img_size"] == 224
+    args = train.parse_args(["--model", "deit_s", "--data", "camelyon", "--init", "ri", "--img-size", "96"])
+    assert train.resolve_config(args)["img_size"] == 96
+
+
+def test_train_evaluation_is_float32_under_amp(tmp_path, monkeypatch):
+    """Issue 10.3: training in bf16 autocast (CPU here), the test figure of summary.json equals a
+    float32 evaluation of best.pt (what analyze.py's re-init baseline computes)."""
+    monkeypatch.setattr(train, "amp_dtype", lambda cfg, device: torch.bfloat16)
+    out = str(tmp_path / "run")
+    rc, stdout, stderr = _train_main(["--model", "resnet18", "--init", "ri", "--epochs", "1", "--out", out]
+                                     + _TRAIN_TINY)
+    assert rc == 0 and "amp bfloat16" in stdout, stdout + stderr
+    cfg = json.load(open(os.path.join(out, "config.json")))["config"]
+    _, _, test_ds, info = data.load_splits(cfg)
+    model = models.create_model("resnet18", num_classes=info["num_classes"], img_size=32)
+    model.load_state_dict(models.read_checkpoint(os.path.join(out, "best.pt"))["model"])
+    loader = torch.utils.data.DataLoader(test_ds, batch_size=16)
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in loader]).float()
+        labels = torch.cat([y for _, y in loader])
+    test = json.load(open(os.path.join(out, "summary.json")))["test"]
+    assert test["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
+    assert test["quadratic_kappa"] == metrics.task_metric("quadratic_kappa", logits.softmax(1).numpy(), labels.numpy())
+
+
+def test_train_small_training_set_warns_and_keep_last(tmp_path):
+    """Issue 10.7: fewer training images than one batch is a one-line warning (the run goes on);
+    --keep-last keeps last.pt after the run."""
+    out = str(tmp_path / "run")
+    rc, stdout, stderr = _train_main(["--model", "resnet18", "--init", "ri", "--epochs", "1", "--out", out,
+                                      "--keep-last"] + _TRAIN_TINY + ["--subset", "8"])
+    assert rc == 0, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "warning" in lines[0] and "8 images" in lines[0] and "--batch-size 16" in lines[0]
+    assert os.path.exists(os.path.join(out, "last.pt"))
+
+
+def test_train_stale_temp_files_removed(train_done, tmp_path):
+    """Issue 13.5: temp files of a killed writer go on the next start in that place (run dir,
+    its analysis folder, the data cache); those of a live process stay."""
+    dead, live = _train_dead_pid(), os.getpid()
+    out = train_done["out"]
+    stale = [os.path.join(out, f"last.pt.tmp{dead}"), os.path.join(out, "analysis", f"l2.json.tmp{dead}")]
+    keep = os.path.join(out, f"best.pt.tmp{live}")
+    for f in stale + [keep]:
+        open(f, "w").write("x")
+    rc, stdout, stderr = _train_main(["--model", "resnet18", "--init", "ri", "--epochs", "1", "--out", out,
+                                      "--resume"] + _TRAIN_TINY)
+    assert rc == 0 and "already finished" in stdout, stderr
+    assert not any(os.path.exists(f) for f in stale) and os.path.exists(keep)
+    os.remove(keep)
+    # the data cache: a killed cache build's .npy.tmp<pid>
+    root, cache = tmp_path / "aptos", tmp_path / "cache"
+    _data_aptos(root)
+    cache.mkdir()
+    (cache / f"aptos_x_r36_y.npy.tmp{dead}").write_bytes(b"x" * 100)
+    (cache / f"aptos_x_r36_y.npy.tmp{live}").write_bytes(b"x")
+    data.build_datasets("aptos", str(root), img_size=32, cache_dir=str(cache), workers=1)
+    names = os.listdir(cache)
+    assert f"aptos_x_r36_y.npy.tmp{dead}" not in names and f"aptos_x_r36_y.npy.tmp{live}" in names
 
 
 # ========================================================================================
@@ -2112,12 +2392,12 @@ def test_analyze_reinit_prefix_reuse_equals_full_evaluation(analyze_runs):
     base, values = analyze.reinit_scores(model, init_state, test_ds, info, args, torch.device("cpu"))
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
     loader = analyze.loader(test_ds, args, torch.device("cpu"))
-    assert base == pytest.approx(train.evaluate(model, loader, torch.device("cpu"), None, info)[info["metric"]])
+    assert base == pytest.approx(train.evaluate(model, loader, torch.device("cpu"), info)[info["metric"]])
     for layer, got in list(zip(model.feature_layers(), values))[::6]:
         reverted = dict(final_state)
         reverted.update({k: init_state[k] for k in analyze.layer_entries(model, layer)})
         model.load_state_dict(reverted)
-        want = train.evaluate(model, loader, torch.device("cpu"), None, info)[info["metric"]]
+        want = train.evaluate(model, loader, torch.device("cpu"), info)[info["metric"]]
         assert got == pytest.approx(want, abs=1e-9), layer
     model.load_state_dict(final_state)  # the pass restored every layer it reverted
     for k, v in _analyze_load(wt, "best").state_dict().items():
@@ -2637,16 +2917,11 @@ def test_plots_formats_and_empty_figures(tmp_path):
     assert res.stdout.count("cka, knn, reinit, l2, convergence") == 2
 
 
-def test_plots_unreadable_analysis_and_mixed_settings(tmp_path):
-    """A broken analysis file is listed as unreadable (not fatal); seeds averaged together that
-    differ in their settings get a note."""
+def test_plots_mixed_settings_note(tmp_path):
+    """Seeds averaged together that differ in their settings get a note."""
     runs, out = tmp_path / "runs", tmp_path / "figs"
-    a = _plots_write_run(str(runs), "resnet18", "synthetic", 6, 0)
+    _plots_write_run(str(runs), "resnet18", "synthetic", 6, 0)
     b = _plots_write_run(str(runs), "resnet18", "synthetic", 6, 1)
-    with open(os.path.join(a, "analysis", "knn.json"), "w") as f:
-        f.write("{not json")
-    with open(os.path.join(b, "analysis", "l2.json"), "w") as f:
-        json.dump({"values": {"wrong": "shape"}}, f)
     cfg_path = os.path.join(b, "config.json")
     with open(cfg_path) as f:
         doc = json.load(f)
@@ -2654,12 +2929,138 @@ def test_plots_unreadable_analysis_and_mixed_settings(tmp_path):
     _plots_dump(cfg_path, doc)
     res = _plots_run_cli("plots.py", "--runs", str(runs), "--out", str(out), "--format", "png")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert any(a in l and "knn (unreadable" in l for l in lines), res.stdout
-    assert any(b in l and "l2 (unreadable" in l for l in lines), res.stdout
-    assert any("differ in img_size" in l for l in lines), res.stdout
-    files = os.listdir(out)
-    assert "knn_resnet18_synthetic.png" in files and "l2_resnet18_synthetic.png" in files  # from the other seed
+    assert any("differ in img_size" in l for l in res.stdout.splitlines()), res.stdout
+
+
+def _plots_main(argv, capsys):
+    import plots
+    rc = plots.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _plots_log(run, seed, n):
+    """A log.jsonl as train.py writes it: training loss + lr every 2 iterations, validation every 4."""
+    with open(os.path.join(run, "log.jsonl"), "w") as f:
+        for it in range(2, 21, 2):
+            f.write(json.dumps({"iteration": it, "train_loss": 2.0 / it + 0.01 * seed, "lr": 1e-4 * min(1, it / 8)}) + "\n")
+            if it % 4 == 0:
+                f.write(json.dumps({"iteration": it, "epoch": it / 8, "val": {"roc_auc": 0.5 + 0.02 * it + 0.01 * n,
+                                                                             "loss": 1.0}, "best": True}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def plots_done(tmp_path_factory):
+    """Runs (resnet18 n=0 and n=6, 2 seeds, with log.jsonl) and the figures plots.py made of them."""
+    import contextlib
+    import io
+    import plots
+    base = tmp_path_factory.mktemp("plots_done")
+    runs, out = base / "runs", base / "figs"
+    for n in (0, 6):
+        for seed in (0, 1):
+            _plots_log(_plots_write_run(str(runs), "resnet18", "synthetic", n, seed), seed, n)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert plots.main(["--runs", str(runs), "--out", str(out), "--format", "png"]) == 0
+    return {"runs": str(runs), "out": str(out), "stdout": stdout.getvalue()}
+
+
+_PLOTS_BAD = [  # (case, file under the first run to replace and its content, text the error line must hold)
+    ("analysis_not_json", "analysis/knn.json", "{not json", "knn.json"),
+    ("l2_values_dict", "analysis/l2.json", {"values": {"wrong": "shape"}}, "l2.json"),
+    ("cka_init_number", "analysis/cka.json", {"values": {"init": 5}}, "cka.json"),
+    ("knn_layers_numbers", "analysis/knn.json", {"values": {"all": [1]}, "layers": [1, 2]}, "knn.json"),
+    ("cka_ref_n_text", "analysis/cka.json", {"values": {"init": {}}, "settings": {"ref_n": "x"}}, "cka.json"),
+    ("summary_list", "summary.json", [], "summary.json"),
+    ("summary_test_list", "summary.json", {"test": []}, "summary.json"),
+    ("summary_not_json", "summary.json", "[1,", "summary.json"),
+    ("out_file", None, None, "is a file"),
+    ("out_under_file", None, None, "is a file, not a folder"),
+    ("out_unwritable", None, None, "not writable"),
+    ("out_uncreatable", None, None, "--out /proc/"),
+]
+
+
+@pytest.mark.parametrize("case, name, content, message", _PLOTS_BAD, ids=[c[0] for c in _PLOTS_BAD])
+def test_plots_bad_input_one_line_exit_2(plots_done, tmp_path, monkeypatch, capsys, case, name, content, message):
+    """Malformed run files and unusable --out: one line naming the file or flag, exit 2, no
+    traceback, and the output folder (figures of an earlier call) is unchanged."""
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    shutil.copytree(plots_done["runs"], runs)
+    shutil.copytree(plots_done["out"], out)
+    first = sorted(os.listdir(runs))[0]
+    if name:
+        path = runs / first / name
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    target = out
+    if case == "out_file":
+        target = out / "table.md"
+    elif case == "out_under_file":
+        target = out / "table.md" / "figs"
+    elif case == "out_uncreatable":
+        target = "/proc/wtst_figs"
+    elif case == "out_unwritable":  # (root ignores permission bits: the check itself is exercised)
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: False if os.path.abspath(p) == str(out) else real(p, m))
+    before = _train_tree(out)
+    rc, stdout, stderr = _plots_main(["--runs", str(runs), "--out", str(target), "--format", "png"], capsys)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("plots.py: error:"), stderr
+    assert message in lines[0] and (not name or first in lines[0]), lines[0]
+    assert _train_tree(out) == before
+
+
+def test_plots_garbage_values_dropped_with_a_note(plots_done, tmp_path, capsys):
+    """Values of the right layout but not numbers: the figure is not drawn, and the console says so."""
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    shutil.copytree(plots_done["runs"], runs)
+    for run in os.listdir(runs):
+        path = runs / run / "analysis" / "l2.json"
+        doc = json.loads(path.read_text())
+        doc["values"] = ["x"] * len(doc["values"])
+        path.write_text(json.dumps(doc))
+    rc, stdout, stderr = _plots_main(["--runs", str(runs), "--out", str(out), "--format", "png"], capsys)
+    assert rc == 0, stderr
+    assert "l2_resnet18_synthetic.png" not in os.listdir(out)
+    assert any("l2_resnet18_synthetic not drawn" in l for l in stdout.splitlines()), stdout
+    assert "not drawn" not in plots_done["stdout"]  # the intact runs draw everything
+
+
+def test_plots_training_curves(plots_done, monkeypatch):
+    """Issue 13.10: per model and dataset, training loss / validation metric / lr vs iteration,
+    one line per run, one colour per WT fraction."""
+    import plots
+    assert _plots_is_png(os.path.join(plots_done["out"], "curves_resnet18_synthetic.png"))
+    runs, notes = plots.find_runs(plots_done["runs"])
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, out, name, formats, written: figs.append((name, fig)))
+    args = __import__("types").SimpleNamespace(out=None, formats=["png"], spread="minmax")
+    plots.plot_curves(runs, "resnet18", "synthetic", args, [])
+    (name, fig), = figs
+    loss, val, lr = fig.axes[:3]
+    assert name == "curves_resnet18_synthetic" and [len(ax.get_lines()) for ax in (loss, val, lr)] == [4, 4, 4]
+    colours = {tuple(np.round(matplotlib_colors_to_rgba(l.get_color()), 3)) for l in loss.get_lines()}
+    assert len(colours) == 2  # n = 0 and n = 6
+    x, y = val.get_lines()[0].get_data()
+    assert list(x) == [4, 8, 12, 16, 20] and y[0] == pytest.approx(0.58 + 0.0 * 0.01, abs=0.011)
+    assert lr.get_yscale() == "log" and max(lr.get_lines()[0].get_ydata()) == pytest.approx(1e-4)
+
+
+def matplotlib_colors_to_rgba(c):
+    import matplotlib.colors
+    return matplotlib.colors.to_rgba(c)
+
+
+def test_plots_stale_temp_files_removed(plots_done, tmp_path, capsys):
+    out = tmp_path / "figs"
+    shutil.copytree(plots_done["out"], out)
+    dead, live = _train_dead_pid(), os.getpid()
+    (out / f".sweep_synthetic.png.tmp{dead}").write_bytes(b"x")
+    (out / f".elsewhere.png.tmp{live}").write_bytes(b"x")
+    rc, stdout, stderr = _plots_main(["--runs", plots_done["runs"], "--out", str(out), "--format", "png"], capsys)
+    assert rc == 0, stderr
+    names = os.listdir(out)
+    assert f".sweep_synthetic.png.tmp{dead}" not in names and f".elsewhere.png.tmp{live}" in names
 
 
 def test_plots_bad_input(tmp_path):
