@@ -1,6 +1,7 @@
 """The toolkit's tests, one section per file: models, init, data, metrics, train, analyze, plots.
 Run: python -m pytest test_all.py -q (2 CPU cores, no GPU, no network)."""
 from pathlib import Path
+import argparse
 import copy
 import csv
 import functools
@@ -2137,3 +2138,73 @@ def test_plots_end_to_end_tiny_runs(tmp_path):
     table = (out / "table.md").read_text()
     assert "| ResNet18 | WT n=6/6 |" in table and "| ResNet18 | WT-ST n=3/6 |" in table
     assert "| DeiT-T | ST n=0/14 |" in table
+
+
+# ----------------------------------------------------------------------------- findings (plots.py)
+def _findings_runs(root, models=("resnet18", "deit_s"), seeds=(0, 1, 2)):
+    """Made-up run sets on 'tissue' where every finding holds: the test metric, CKA to init and
+    speed rise with n, ST attention is more global, and the ViT gains more from WT."""
+    for model in models:
+        N = _PLOTS_N[model]
+        for seed in seeds:
+            for n in (0, N // 2, N):
+                _plots_write_run(root, model, "tissue", n, seed)
+        _plots_write_run(root, model, "tissue", None, 0)
+    for seed in seeds:  # a larger WT gain for the ViT
+        if "deit_s" in models:
+            path = os.path.join(root, f"deit_s-tissue-n14-s{seed}", "summary.json")
+            _findings_edit(path, lambda s: s["test"].update(macro_recall=s["test"]["macro_recall"] + 0.1))
+
+
+def _findings_edit(path, change):
+    with open(path) as f:
+        doc = json.load(f)
+    change(doc)
+    _plots_dump(path, doc)
+
+
+def _findings(root, out):
+    import plots
+    runs, _ = plots.find_runs(str(root))
+    text = plots.write_findings(runs, argparse.Namespace(out=str(out)), [])
+    with open(out / "findings.json") as f:
+        return text, json.load(f)
+
+
+def test_findings_hold(tmp_path):
+    _findings_runs(str(tmp_path / "runs"))
+    text, doc = _findings(tmp_path / "runs", tmp_path)
+    assert {f: d["verdict"] for f, d in doc["tissue"].items()} == {f: "holds" for f in ("F1", "F2", "F3", "F4")}
+    assert (tmp_path / "findings.md").read_text() == text
+    assert "| F1 |" in text and "**holds**" in text and "does not hold" not in text
+    # the numbers come from the runs: WT's per-seed test values are printed
+    with open(tmp_path / "runs" / "resnet18-tissue-n6-s1" / "summary.json") as f:
+        wt1 = json.load(f)["test"]["macro_recall"]
+    assert f"s1 {wt1:.3f}" in text
+
+
+def test_findings_do_not_hold(tmp_path):
+    """WT and ST swap their results (summary and analyses): every finding is reported as not holding;
+    one WT seed below one ST seed alone breaks F1; a model alone leaves F4 unmeasured."""
+    root = tmp_path / "runs"
+    _findings_runs(str(root))
+    for model, N in (("resnet18", 6), ("deit_s", 14)):
+        for seed in (0, 1, 2):
+            wt, st = root / f"{model}-tissue-n{N}-s{seed}", root / f"{model}-tissue-n0-s{seed}"
+            for name in ["summary.json"] + [f"analysis/{a}" for a in os.listdir(wt / "analysis")]:
+                a, b = (wt / name).read_bytes(), (st / name).read_bytes()
+                (wt / name).write_bytes(b)
+                (st / name).write_bytes(a)
+    _, doc = _findings(root, tmp_path)
+    assert {f: d["verdict"] for f, d in doc["tissue"].items()} == {f: "does not hold" for f in ("F1", "F2", "F3", "F4")}
+
+    root2 = tmp_path / "runs2"
+    _findings_runs(str(root2), models=("resnet18",))
+    st_best = max(json.loads((root2 / f"resnet18-tissue-n0-s{s}" / "summary.json").read_text())["test"]["macro_recall"]
+                  for s in (0, 1, 2))
+    _findings_edit(str(root2 / "resnet18-tissue-n6-s2" / "summary.json"),  # below the best ST seed, mean still higher
+                   lambda s: s["test"].update(macro_recall=st_best - 0.001))
+    text, doc = _findings(root2, tmp_path)
+    v = {f: d["verdict"] for f, d in doc["tissue"].items()}
+    assert v == {"F1": "does not hold", "F2": "holds", "F3": "holds", "F4": "not measured"}, v
+    assert "every WT seed > every ST seed: no" in text
