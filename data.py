@@ -55,7 +55,7 @@ from torchvision.transforms import functional as TF
 
 DATASETS = ["aptos", "ddsm", "isic", "chexpert", "camelyon", "synthetic", "shapes", "textures", "tissue"]
 GENERATED_TASKS = ("synthetic", "shapes", "textures", "tissue")
-DEFAULT_IMG_SIZE = {"aptos": 224, "ddsm": 224, "isic": 224, "chexpert": 224, "camelyon": 96,
+DEFAULT_IMG_SIZE = {"aptos": 224, "ddsm": 224, "isic": 224, "chexpert": 224, "camelyon": 224,
                     "synthetic": 64, "shapes": 64, "textures": 64, "tissue": 64}
 
 CACHE_VERSION = 1            # bump to invalidate every cache after a change in decoding
@@ -253,7 +253,10 @@ def _read_csv(path, required, name):
         if missing:
             raise ValueError(f"{name}: {path} lacks column(s) {', '.join(missing)} "
                              f"(found {', '.join(reader.fieldnames or []) or 'no header'})")
-        rows = [(reader.line_num, row) for row in reader]
+        try:
+            rows = [(reader.line_num, row) for row in reader]
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise ValueError(f"{name}: {path} line {reader.line_num}: {e}") from None
     for line, row in rows:
         if any(row[c] is None for c in required):
             raise ValueError(f"{name}: {path} line {line} has fewer fields than the header "
@@ -404,6 +407,28 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_tmp(folder):
+    """Delete atomic_write's `*.tmp<pid>` files in folder whose writer process is gone (left by a
+    SIGKILL); temp files of live processes on this machine stay. Returns the removed paths."""
+    removed = []
+    for p in Path(folder).glob("*.tmp*"):
+        m = re.search(r"\.tmp(\d+)$", p.name)
+        if m and p.is_file() and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(str(p))
+    return removed
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or not a pid we can check: keep the file
+    return True
 
 
 def save_json(path, obj):
@@ -854,6 +879,7 @@ def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True,
             table = _READERS[name](root)
             cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
             cache_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(cache_dir)                      # a killed cache build's .npy.tmp<pid>
             splits, split_file = _load_or_make_split(name, table, seed, cache_dir)
             info.update(cache_dir=str(cache_dir), split_file=split_file and str(split_file))
             pos = {i: k for k, i in enumerate(table.ids)}

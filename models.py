@@ -804,11 +804,15 @@ def _first_line(e):
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
+def imagenet_path(name):
+    """Where the published checkpoint of ``name`` is expected: torch.hub's cache
+    ($TORCH_HOME/hub/checkpoints/<file name of PRETRAINED_URLS[name]>)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", PRETRAINED_URLS[name].rsplit("/", 1)[1])
+
+
 def _fetch_imagenet(name):
     """The published checkpoint through torch.hub's cache ($TORCH_HOME/hub/checkpoints)."""
-    url = PRETRAINED_URLS[name]
-    filename = url.rsplit("/", 1)[1]
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    url, path = PRETRAINED_URLS[name], imagenet_path(name)
     if os.path.isfile(path):
         return read_checkpoint(path), path
     try:

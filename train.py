@@ -9,6 +9,7 @@ config.json, init.pt, best.pt, last.pt, log.jsonl and summary.json (see README).
 Multi-GPU: `torchrun --nproc_per_node=K train.py ...` (DDP; only rank 0 writes files).
 """
 import argparse
+import csv
 import json
 import math
 import os
@@ -86,49 +87,98 @@ class SeededItems(Dataset):
 
 
 # ----------------------------------------------------------------------------- set-up
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default shown once: not appended where the help already states it, nor for
+    None (the help says what happens) or on/off switches."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help=f"one of {', '.join(models.MODELS)}")
     p.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)}")
-    p.add_argument("--data-root", default=None, help="dataset folder in its published layout (not needed for synthetic/shapes)")
+    p.add_argument("--data-root", default=None, help="dataset folder in its published layout (default: none; not needed for synthetic/shapes)")
     p.add_argument("--n", type=int, default=None, help="WT-ST-n/m: first n module groups WT, the rest ST (default: N, full WT)")
-    p.add_argument("--init", choices=["wt", "st", "ri"], default=None, help="shorthand: wt = n=N, st = n=0, ri = random init")
-    p.add_argument("--weights", default="imagenet", help="'imagenet' (published checkpoint) or a checkpoint path, e.g. runs/x/best.pt")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the dataset's, 224 for the medical sets)")
+    p.add_argument("--init", choices=["wt", "st", "ri"], default=None, help="shorthand: wt = n=N, st = n=0, ri = random init (default: from --n)")
+    p.add_argument("--weights", default="imagenet", help="'imagenet' (the published checkpoint, from the torch.hub cache) or a checkpoint path, e.g. runs/x/best.pt")
+    p.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the dataset's, 224 for the medical sets as in the recipe)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (split over DDP processes)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (Adam), reached after the warm-up")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="on weights that are not 1-D and not biases")
     p.add_argument("--warmup", type=int, default=1000, help="linear warm-up iterations")
     p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=10, help="validations (every half epoch) without improvement before stopping")
-    p.add_argument("--plateau-patience", type=int, default=3, help="validations without improvement before lr x 0.1")
+    p.add_argument("--patience", type=int, default=10, help="validations (every half epoch) without improvement before stopping; counted after the warm-up")
+    p.add_argument("--plateau-patience", type=int, default=3, help="validations without improvement before lr x 0.1; counted after the warm-up")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping global norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init, data order and augmentation")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (kept fixed across --seed)")
-    p.add_argument("--subset", type=int, default=None, help="use at most this many images per split (quick runs)")
+    p.add_argument("--subset", type=int, default=None, help="use at most this many images per split (default: all; for quick runs)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>-<init>-s<seed>)")
     p.add_argument("--runs-dir", default="runs", help="parent of the default run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt (a finished run is skipped)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (after every input is checked)")
+    p.add_argument("--keep-last", action="store_true", help="keep last.pt (optimiser state, 3x the model) after the run finishes")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto",
-                   help="mixed precision on CUDA (auto: bf16 if supported, else fp16); CPU runs float32")
+                   help="mixed precision for training on CUDA (auto: bf16 if supported, else fp16); CPU and evaluation run float32")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 8 on CUDA, 0 on CPU)")
     p.add_argument("--cache-dir", default=None, help="where the pre-resized image cache lives (default: see data.py)")
     p.add_argument("--log-every", type=int, default=20, help="log the training loss every k iterations")
     return p.parse_args(argv)
 
 
+def check_numbers(args):
+    """Range checks of the numeric flags (no I/O): a value the loop would crash on or silently
+    replace is an error naming the flag."""
+    def need(ok, flag, value, expected):
+        if not ok:
+            raise ValueError(f"{flag} {value}: expected {expected}")
+    for flag, v, lo in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
+                        ("--patience", args.patience, 1), ("--plateau-patience", args.plateau_patience, 0),
+                        ("--warmup", args.warmup, 0), ("--seed", args.seed, 0), ("--split-seed", args.split_seed, 0),
+                        ("--log-every", args.log_every, 1), ("--subset", args.subset, 1),
+                        ("--workers", args.workers, 0), ("--img-size", args.img_size, 8)):
+        need(v is None or v >= lo, flag, v, f"an integer >= {lo}")
+    need(math.isfinite(args.lr) and args.lr > 0, "--lr", args.lr, "a finite number > 0")
+    need(math.isfinite(args.weight_decay) and args.weight_decay >= 0, "--weight-decay", args.weight_decay,
+         "a finite number >= 0")
+    need(math.isfinite(args.clip) and args.clip >= 0, "--clip", args.clip, "a finite number >= 0 (0: off)")
+
+
+def check_device(flag):
+    """--device names a device this machine has (checked before anything is written)."""
+    if flag is None:
+        return
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise ValueError(f"--device {flag!r}: expected cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {flag}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {flag!r}: expected cpu, cuda or cuda:<index>")
+
+
 def resolve_config(args, world=1):
     """Check the flags and turn them into the settings saved in config.json."""
+    check_numbers(args)
     if args.model not in models.MODELS:
         raise ValueError(f"--model {args.model!r}: expected one of {', '.join(models.MODELS)}")
     if args.data not in data.DATASETS:
         raise ValueError(f"--data {args.data!r}: expected one of {', '.join(data.DATASETS)}")
-    img_size = args.img_size or data.DEFAULT_IMG_SIZE[args.data]
-    with torch.device("meta"):  # only the group count is needed: no memory, no init
-        N = len(models.create_model(args.model, num_classes=2, img_size=img_size).wtst_groups())
+    img_size = args.img_size if args.img_size is not None else data.DEFAULT_IMG_SIZE[args.data]
+    try:
+        with torch.device("meta"):  # only the group count is needed: no memory, no init
+            N = len(models.create_model(args.model, num_classes=2, img_size=img_size).wtst_groups())
+    except ValueError as e:  # a size the model cannot take
+        raise ValueError(f"--img-size {img_size}: {e}") from None
     init = args.init
     if init == "ri":
         if args.n is not None:
@@ -143,11 +193,9 @@ def resolve_config(args, world=1):
         init = "wt" if n == N else "st" if n == 0 else "wtst"
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    if init != "ri" and args.weights != "imagenet" and not os.path.isfile(args.weights):
-        raise FileNotFoundError(f"--weights {args.weights}: no such checkpoint file (expected 'imagenet' or a path)")
     tag = "ri" if init == "ri" else f"n{n}"
     out = args.out or os.path.join(args.runs_dir, f"{args.model}-{args.data}-{tag}-s{args.seed}")
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "out", "runs_dir")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "keep_last", "out", "runs_dir")}
     cfg.update(img_size=img_size, n=n, N=N, init=init, out=out, world_size=world,
                weights=None if init == "ri" else args.weights)
     return cfg
@@ -168,6 +216,11 @@ def build_model(cfg, num_classes):
         return model, ["random init (RI)"]
     head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(model.head_name + ".")}
     report = models.load_pretrained(model, cfg["weights"])
+    bad = [k for k, v in model.state_dict().items()
+           if k in report["loaded"] and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # ST statistics and training would turn them into NaN everywhere
+        raise ValueError(f"--weights {cfg['weights']}: non-finite values (inf/NaN) in {len(bad)} tensor(s): "
+                         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(head, strict=False)  # the head is always newly initialised
     wtst_init(model, pretrained, cfg["n"], seed=cfg["seed"])
@@ -184,8 +237,9 @@ def param_groups(model, weight_decay):
 
 
 class Schedule:
-    """Linear warm-up over `warmup` iterations, times a ReduceLROnPlateau-style factor
-    (x0.1 after `patience` validations without a new best)."""
+    """Linear warm-up over `warmup` iterations, then a ReduceLROnPlateau-style factor
+    (x0.1 after `patience` validations without a new best). Validations inside the warm-up
+    update the best but never count as bad: the plateau starts once the warm-up is over."""
 
     def __init__(self, lr, warmup, patience, factor=0.1):
         self.lr, self.warmup, self.patience, self.factor = lr, warmup, patience, factor
@@ -194,10 +248,10 @@ class Schedule:
     def lr_at(self, iteration):
         return self.lr * self.scale * min(1.0, (iteration + 1) / max(1, self.warmup))
 
-    def step(self, metric):
+    def step(self, metric, iteration):
         if metric > self.best:
             self.best, self.bad = metric, 0
-        else:
+        elif iteration > self.warmup:
             self.bad += 1
             if self.bad > self.patience:
                 self.scale, self.bad = self.scale * self.factor, 0
@@ -219,15 +273,16 @@ def amp_dtype(cfg, device):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, dtype, info, rank=0, world=1):
+def evaluate(model, loader, device, info, rank=0, world=1):
     """Scores (softmax or sigmoid) and labels over a loader; gathered over DDP ranks.
-    Pass the unwrapped model: ranks may see different numbers of eval batches."""
+    Pass the unwrapped model: ranks may see different numbers of eval batches.
+    Runs in float32 (no autocast), so validation and test figures do not depend on bf16/fp16
+    rounding and equal analyze.py's float32 evaluation of the same checkpoint."""
     model.eval()
     scores, labels, loss_sum = [], [], 0.0
     for x, y in loader:
         x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-            logits = model(x).float()
+        logits = model(x).float()
         y = y.to(device)
         loss_sum += float(loss_fn(logits, y, info, reduction="sum"))
         scores.append((torch.sigmoid(logits) if info["multilabel"] else logits.softmax(1)).cpu())
@@ -324,10 +379,10 @@ class Trainer:
     # -- one validation: log, schedule, best/last checkpoints, early stopping
     def validate(self):
         p, metric_name = self.progress, self.info["metric"]
-        res = evaluate(self.model, self.val_loader, self.device, self.dtype, self.info, self.rank, self.world)
+        res = evaluate(self.model, self.val_loader, self.device, self.info, self.rank, self.world)
         m = res[metric_name]
         score = m if math.isfinite(m) else -math.inf
-        self.sched.step(score)
+        self.sched.step(score, p["iteration"])
         p["validations"] += 1
         improved = score > p["best_metric"]
         if improved:
@@ -336,12 +391,12 @@ class Trainer:
                 save_checkpoint(os.path.join(self.out, "best.pt"),
                                 {"format": FORMAT, "model": self.model.state_dict(), "iteration": p["iteration"],
                                  "val": res, "config": self.cfg})
-        else:
+        elif p["iteration"] > self.cfg["warmup"]:  # early-stopping patience counts after the warm-up
             p["bad_validations"] += 1
         self.write_log({"iteration": p["iteration"], "epoch": p["epoch"] + p["pos"] / self.sampler.steps,
                         "val": res, "best": improved})
         self.log(f"it {p['iteration']:6d} ep {p['epoch'] + p['pos'] / self.sampler.steps:6.2f}  val {metric_name} "
-                 f"{m:.4f} loss {res['loss']:.4f}{'  *best*' if improved else ''}")
+                 f"{m:.4f}, val loss {res['loss']:.4f}{'  *best*' if improved else ''}")
 
     def save_last(self):
         if self.main:
@@ -388,7 +443,7 @@ class Trainer:
                     mean_loss = float(loss_acc) / loss_n  # one sync per k iterations
                     if not math.isfinite(mean_loss):
                         p["train_seconds"] += time.perf_counter() - t0
-                        return f"non-finite training loss ({mean_loss}) near iteration {p['iteration']}"
+                        return f"diverged: non-finite training loss ({mean_loss}) near iteration {p['iteration']}"
                     self.write_log({"iteration": p["iteration"], "train_loss": mean_loss,
                                     "lr": self.opt.param_groups[0]["lr"]})
                     loss_acc.zero_(); loss_n = 0
@@ -414,13 +469,14 @@ class Trainer:
         test = {}
         if os.path.exists(best):
             self.model.load_state_dict(models.read_checkpoint(best)["model"])
-            test = evaluate(self.model, self.test_loader, self.device, self.dtype, self.info, self.rank, self.world)
+            test = evaluate(self.model, self.test_loader, self.device, self.info, self.rank, self.world)
         summary = {"model": self.cfg["model"], "data": self.cfg["data"], "init": self.cfg["init"],
                    "n": self.cfg["n"], "N": self.cfg["N"], "seed": self.cfg["seed"], "metric": self.info["metric"],
                    "best_val_metric": p["best_metric"] if math.isfinite(p["best_metric"]) else None,
                    "best_iteration": p["best_iteration"], "convergence_iteration": p["best_iteration"],
                    "test": test, "iterations": p["iteration"], "epochs_run": p["epoch"] + p["pos"] / self.sampler.steps,
-                   "validations": p["validations"], "stop_reason": reason, "wall_seconds": wall,
+                   "validations": p["validations"], "stop_reason": "diverged" if reason.startswith("diverged") else reason,
+                   "stop_detail": reason, "wall_seconds": wall,
                    "train_seconds": p["train_seconds"],
                    "images_per_second": p["images"] / p["train_seconds"] if p["train_seconds"] > 0 else None}
         if self.main:
@@ -446,73 +502,167 @@ def setup_distributed(device_flag):
     return rank, world, device
 
 
-def prepare_out(cfg, resume, overwrite, main):
-    """Create the run directory; refuse to clobber an existing one."""
+RUN_FILES = ("config.json", "init.pt", "best.pt", "last.pt", "log.jsonl", "summary.json")
+
+
+def check_out(out):
+    """--out is a folder, or can be created as one, that this process can write (no file in the way)."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {out}: is a file, expected a run directory")
+    parent = path
+    while not os.path.exists(parent):  # the nearest existing folder is where the run goes
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
+
+
+def existing_run(cfg, resume, overwrite):
+    """What --out holds, checked without writing: 'fresh' (no run), 'replace' (--overwrite),
+    'resume' (continue it) or 'finished'. Refuses folders whose config.json is not a run's."""
     out = cfg["out"]
-    exists = os.path.exists(os.path.join(out, "config.json"))
-    if exists and not (resume or overwrite):
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return "fresh"
+    if not (resume or overwrite):
         raise ValueError(f"run directory {out} exists: pass --resume to continue it or --overwrite to replace it")
-    if main and overwrite:  # the old run's files and analyses go; nothing else in the folder is touched
-        for f in ("config.json", "init.pt", "best.pt", "last.pt", "log.jsonl", "summary.json"):
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); not touching {out}: choose another --out") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("config"), dict):
+        raise ValueError(f"{path} is not a train.py run's config; not touching {out}: choose another --out")
+    if overwrite:
+        return "replace"
+    saved = doc["config"]
+    ignore = {"workers", "device", "cache_dir", "log_every", "epochs", "patience", "out"}
+    diff = [k for k in cfg if k not in ignore and saved.get(k) != cfg[k]]
+    if diff:
+        raise ValueError(f"--resume: settings differ from {path}: "
+                         + ", ".join(f"{k}={cfg[k]!r} (saved {saved.get(k)!r})" for k in diff))
+    summary = os.path.join(out, "summary.json")
+    if not os.path.exists(summary):
+        return "resume"
+    try:
+        with open(summary) as f:
+            s = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{summary} is unreadable ({e}); pass --overwrite to run {out} again") from None
+    if isinstance(s, dict) and s.get("stop_reason") == "diverged":
+        raise ValueError(f"--resume: {out} diverged ({s.get('stop_detail', 'non-finite training loss')}); it cannot "
+                         "continue: run it again with --overwrite (e.g. with a smaller --lr)")
+    return "finished"
+
+
+def load_inputs(cfg):
+    """(splits, info, model, init lines): the data and the initialised model, with every missing
+    or bad input of a start reported at once in one error, before anything is written."""
+    problems, info = [], None
+    try:
+        *splits, info = data.load_splits(cfg)
+    except (ValueError, OSError, csv.Error) as e:
+        root = cfg["data_root"]
+        problems.append(f"--data {cfg['data']} " + (f"--data-root {root}" if root else "(no --data-root given)")
+                        + f": {e}")
+    if info is None:  # the data failed: still say whether the weights are in place
+        weights = cfg["weights"]
+        if weights == "imagenet":
+            path = models.imagenet_path(cfg["model"])
+            if not os.path.isfile(path):
+                problems.append(f"--weights imagenet: {path} is missing (downloaded from "
+                                f"{models.PRETRAINED_URLS[cfg['model']]} on first use; without network place it there)")
+        elif weights is not None and not os.path.isfile(weights):
+            problems.append(f"--weights {weights}: no such checkpoint file (expected 'imagenet' or a path)")
+        raise ValueError("; ".join(problems))
+    try:
+        model, init_lines = build_model(cfg, info["num_classes"])
+    except (ValueError, OSError) as e:
+        raise ValueError(str(e) if str(e).startswith("--weights") else f"--weights {cfg['weights']}: {e}") from None
+    if len(splits[0]) < cfg["batch_size"]:  # legitimate for tiny tests, surprising in a study
+        warn(f"the training set has {len(splits[0])} images, fewer than one batch (--batch-size "
+             f"{cfg['batch_size']}): every epoch is one partial batch of {len(splits[0])}")
+    return splits, info, model, init_lines
+
+
+def warn(message):
+    print(f"train.py: warning: {message}", file=sys.stderr)
+
+
+def prepare_dir(out, state):
+    """The first write of a start: stale temp files go, --overwrite removes the old run's files
+    and analyses (nothing else in the folder), the folder is created."""
+    for folder in (out, os.path.join(out, "analysis")):
+        if os.path.isdir(folder):
+            data.remove_stale_tmp(folder)
+    if state == "replace":
+        for f in RUN_FILES:
             if os.path.exists(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
         shutil.rmtree(os.path.join(out, "analysis"), ignore_errors=True)
-    if main:
-        os.makedirs(out, exist_ok=True)
-    if resume and exists:
-        with open(os.path.join(out, "config.json")) as f:
-            saved = json.load(f)["config"]
-        ignore = {"workers", "device", "cache_dir", "log_every", "epochs", "patience", "out"}
-        diff = [k for k in cfg if k not in ignore and saved.get(k) != cfg[k]]
-        if diff:
-            raise ValueError(f"--resume: settings differ from {out}/config.json: "
-                             + ", ".join(f"{k}={cfg[k]!r} (saved {saved.get(k)!r})" for k in diff))
-    return exists
+    os.makedirs(out, exist_ok=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    main_rank = rank == 0
-    log = print if main_rank else (lambda *a, **k: None)
+    world, log = 1, print
     try:
+        check_device(args.device)
+        rank, world, device = setup_distributed(args.device)
+        main_rank = rank == 0
+        log = print if main_rank else (lambda *a, **k: None)
         cfg = resolve_config(args, world)
         out = cfg["out"]
         started = time.time()
-        exists = prepare_out(cfg, args.resume, args.overwrite, main_rank)
-        if args.resume and os.path.exists(os.path.join(out, "summary.json")):
+        check_out(out)
+        state = existing_run(cfg, args.resume, args.overwrite)
+        last = os.path.join(out, "last.pt")
+        if state == "finished":
+            if main_rank and not args.keep_last and os.path.exists(last):  # killed right after its summary
+                os.remove(last)
             log(f"{out}: already finished (summary.json exists)")
             return 0
-        *splits, info = data.load_splits(cfg)
-        model, init_lines = build_model(cfg, info["num_classes"])
+        splits, info, model, init_lines = load_inputs(cfg)
+        # -- every input is checked: the first write is below
+        if main_rank:
+            prepare_dir(out, state)
         trainer = Trainer(cfg, model, splits, info, out, device, rank, world, log)
-        last = os.path.join(out, "last.pt")
-        if args.resume and os.path.exists(last):
+        if state == "resume" and os.path.exists(last):
             trainer.load_state(models.read_checkpoint(last))
             log(f"resumed {out} at iteration {trainer.progress['iteration']}")
         elif main_rank:
-            if exists and args.resume:  # killed before its first checkpoint: start over
+            if state == "resume":  # killed before its first checkpoint: start over
                 for f in ("best.pt", "log.jsonl"):
                     if os.path.exists(os.path.join(out, f)):
                         os.remove(os.path.join(out, f))
-            data.save_json(os.path.join(out, "config.json"),
-                      {"config": cfg, "data": {k: v for k, v in info.items() if k != "sizes"},
-                       "sizes": [len(d) for d in splits], "init": init_lines, "versions": versions(),
-                       "format": FORMAT})
+            # init.pt before config.json: a config.json always comes with its init.pt
             save_checkpoint(os.path.join(out, "init.pt"), {"format": FORMAT, "model": model.state_dict(),
                                                            "config": cfg})
+            data.save_json(os.path.join(out, "config.json"),
+                           {"config": cfg, "data": {k: v for k, v in info.items() if k != "sizes"},
+                            "sizes": [len(d) for d in splits], "init": init_lines, "versions": versions(),
+                            "format": FORMAT})
+        init = {"ri": "RI", "wt": "WT", "st": "ST", "wtst": "WT-ST"}[cfg["init"]]
+        init += "" if cfg["init"] == "ri" else f" n={cfg['n']}/{cfg['N']}"
         log(f"{out}: {cfg['model']} on {cfg['data']} ({len(splits[0])}/{len(splits[1])}/{len(splits[2])} images), "
-            f"init {cfg['init']} n={cfg['n']}/{cfg['N']}, {device}, amp {trainer.dtype}")
+            f"init {init}, {device}, " + (f"amp {str(trainer.dtype).split('.')[-1]}" if trainer.dtype else "float32"))
         for line in init_lines:
             log("  " + line)
         reason = trainer.fit()
         summary = trainer.finish(reason, time.time() - started)
+        if main_rank and not args.keep_last and os.path.exists(last):  # a finished run needs no optimiser state
+            os.remove(last)
+        if summary["stop_reason"] == "diverged":
+            kept = (f"best.pt holds the best checkpoint before it (iteration {summary['best_iteration']})"
+                    if os.path.exists(os.path.join(out, "best.pt")) else "no checkpoint was saved before it")
+            raise ValueError(f"{out}: {reason}; {kept}; summary.json has stop_reason 'diverged' "
+                             "(try a smaller --lr, then --overwrite)")
         log(f"stopped: {reason}; best val {info['metric']} {summary['best_val_metric']} at iteration "
             f"{summary['best_iteration']}; test {summary['test']}")
-        if reason.startswith("non-finite"):
-            raise ValueError(f"{reason}: stopped; {out}/last.pt and best.pt hold the last good state")
         return 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, csv.Error) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     finally:
