@@ -53,17 +53,16 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-DATASETS = ["aptos", "ddsm", "isic", "chexpert", "camelyon", "synthetic", "shapes", "textures", "tissue"]
-GENERATED_TASKS = ("synthetic", "shapes", "textures", "tissue")
+DATASETS = ["aptos", "ddsm", "isic", "chexpert", "camelyon", "synthetic", "shapes", "lesions"]
+GENERATED_TASKS = ("synthetic", "shapes", "lesions")
 DEFAULT_IMG_SIZE = {"aptos": 224, "ddsm": 224, "isic": 224, "chexpert": 224, "camelyon": 224,
-                    "synthetic": 64, "shapes": 64, "textures": 64, "tissue": 64}
+                    "synthetic": 64, "shapes": 64, "lesions": 64}
 
 CACHE_VERSION = 1            # bump to invalidate every cache after a change in decoding
 CACHE_WORKERS = None         # processes that build a cache (None: all cores)
 SYNTHETIC_SIZE = 3000        # images in the generated fundus-like task (all splits)
 SHAPES_SIZE = 4800           # images in the generated shapes task (all splits)
-TEXTURES_SIZE = 6000         # images in the generated texture task (the offline "ImageNet")
-TISSUE_SPLIT = (200, 100, 400)  # train, val, test images of the generated histology-like target
+LESIONS_SPLIT = (128, 64, 400)  # train, val, test images of the generated dermoscopy-like target
 GENERATED_RES = 64           # native resolution of both generated tasks
 
 CHEXPERT_CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
@@ -72,8 +71,7 @@ CHEXPERT_CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", 
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 SHAPE_NAMES = ["circle", "square", "triangle", "cross"]
 TEXTURE_NAMES = ["solid", "stripes", "checker", "dots"]
-TEXTURE_FAMILIES = ["stripes", "checker", "dots", "rings", "waves", "grid", "zigzag", "maze"]
-TISSUE_CLASSES = ["muscle", "stroma", "collagen", "tumour"]
+LESION_CLASSES = ["round", "square", "triangular", "cruciform"]
 
 # name -> fixed facts: classes, metric, loss, mean/std, grey files, held-out fraction, layout hint
 _SPECS = {
@@ -94,9 +92,7 @@ _SPECS = {
     "synthetic": dict(classes=[f"grade{g}" for g in range(5)], metric="quadratic_kappa", heldout=0.3),
     "shapes": dict(classes=[f"{s}-{t}" for s in SHAPE_NAMES for t in TEXTURE_NAMES],
                    metric="macro_recall", heldout=0.2),
-    "textures": dict(classes=[f"{f}-{s}" for f in TEXTURE_FAMILIES for s in ("fine", "coarse")],
-                     metric="macro_recall", heldout=0.1),
-    "tissue": dict(classes=TISSUE_CLASSES, metric="macro_recall", heldout=None),
+    "lesions": dict(classes=LESION_CLASSES, metric="macro_recall", heldout=None),
 }
 
 
@@ -675,6 +671,20 @@ def make_fundus(n, seed, res=GENERATED_RES):
     return out, labels
 
 
+def _shape_mask(shape, pu, pv):
+    """Boolean masks [b, res, res] of each image's shape (0 circle, 1 square, 2 triangle, 3 cross)
+    in its own rotated, scaled coordinates (pu, pv), the shape filling about [-1, 1]."""
+    tri = np.ones_like(pu, dtype=bool)
+    for k in range(3):
+        ang = -np.pi / 2 + 2 * np.pi * k / 3
+        tri &= (np.cos(ang) * pu + np.sin(ang) * pv) < 0.5
+    masks = np.stack([pu ** 2 + pv ** 2 < 1,
+                      np.maximum(np.abs(pu), np.abs(pv)) < 0.8,
+                      tri,
+                      ((np.abs(pu) < .3) & (np.abs(pv) < .9)) | ((np.abs(pv) < .3) & (np.abs(pu) < .9))])
+    return masks[shape, np.arange(len(shape))]
+
+
 def make_shapes(n, seed, res=GENERATED_RES):
     """Natural-image-like source task (uint8 [n, res, res, 3], int64 [n]): 16 classes =
     4 shapes (circle, square, triangle, cross) x 4 textures (solid, stripes, checker, dots),
@@ -705,15 +715,7 @@ def make_shapes(n, seed, res=GENERATED_RES):
         cy, cx, size, rot = u(-.3, .3, 1, 1), u(-.3, .3, 1, 1), u(.4, .65, 1, 1), u(0, 6.28, 1, 1)
         du, dv = (gx - cx) / size, (gy - cy) / size
         pu, pv = np.cos(rot) * du + np.sin(rot) * dv, -np.sin(rot) * du + np.cos(rot) * dv
-        tri = np.ones_like(pu, dtype=bool)
-        for k in range(3):
-            ang = -np.pi / 2 + 2 * np.pi * k / 3
-            tri &= (np.cos(ang) * pu + np.sin(ang) * pv) < 0.5
-        masks = np.stack([pu ** 2 + pv ** 2 < 1,
-                          np.maximum(np.abs(pu), np.abs(pv)) < 0.8,
-                          tri,
-                          ((np.abs(pu) < .3) & (np.abs(pv) < .9)) | ((np.abs(pv) < .3) & (np.abs(pu) < .9))])
-        mask = masks[shape, np.arange(b)]
+        mask = _shape_mask(shape, pu, pv)
         # texture in pixel units, rotated with the shape, period 8-11 px
         period = u(8, 11, 1, 1) * 2 / res
         tu, tv = pu * size / period, pv * size / period
@@ -726,97 +728,44 @@ def make_shapes(n, seed, res=GENERATED_RES):
         out[s:s + b] = np.clip(img * 255, 0, 255).astype(np.uint8)
     return out, labels
 
-_TISSUE_FAMILY = [0, 4, 6, 1]   # the texture family each tissue class is drawn with
 
-
-def _pattern(family, pu, pv, period, phase):
-    """Texture value in {0, 1} ([b, res, res] float32) of each image's family (int [b]) at the
-    rotated pixel coordinates (pu, pv); period and phase are per image ([b, 1, 1])."""
-    tu, tv = pu / period + phase, pv / period + phase
-    fu, fv = tu - np.floor(tu) - .5, tv - np.floor(tv) - .5
-    s = lambda t: np.sin(2 * np.pi * t)
-    rr = np.sqrt(pu ** 2 + pv ** 2) / period
-    fams = np.stack([s(tu) > 0,                                                   # stripes
-                     s(tu) * s(tv) > 0,                                           # checker
-                     fu ** 2 + fv ** 2 < 0.09,                                    # dots
-                     s(rr + phase) > 0,                                           # rings
-                     s(tu + 0.35 * s(tv / 3)) > 0,                                # waves
-                     np.minimum(np.abs(fu), np.abs(fv)) < 0.12,                   # grid
-                     s(tu + np.abs(fv)) > 0,                                      # zigzag
-                     s(tu + 0.6 * s(tv * .37)) * s(tv + 0.6 * s(tu * .41)) > .2])  # maze
-    return fams[family, np.arange(len(family))].astype(np.float32)
-
-
-def _rotated(b, rng, res, spread=1.0):
-    """Per image a random centre and rotation: pixel coordinates (pu, pv), each [b, res, res]."""
-    g = (np.arange(res, dtype=np.float32) + 0.5 - res / 2)
-    gy, gx = g[None, :, None], g[None, None, :]
-    cy, cx = (rng.uniform(-.25, .25, (2, b, 1, 1)) * res * spread).astype(np.float32)
-    rot = rng.uniform(0, 2 * np.pi, (b, 1, 1)).astype(np.float32)
-    du, dv = gx - cx, gy - cy
-    return np.cos(rot) * du + np.sin(rot) * dv, -np.sin(rot) * du + np.cos(rot) * dv
-
-
-def make_textures(n, seed, res=GENERATED_RES):
-    """ImageNet stand-in (uint8 [n, res, res, 3], int64 [n]): 16 classes = 8 texture families
-    (TEXTURE_FAMILIES) x 2 scales (period 6-9 px: fine, 12-18 px: coarse, at 64 px), rotated
-    at random, in two random contrasting colours under uneven light, with two occluding discs
-    of random colour: colourful and varied like natural photos, and quick to learn."""
-    rng = np.random.default_rng([seed, 303])
-    labels = rng.permutation(np.arange(n) % 16).astype(np.int64)
+def make_lesions(n, seed, res=GENERATED_RES):
+    """Dermoscopy-like target task (uint8 [n, res, res, 3], int64 [n]): 4 classes by the outline of
+    one pigmented lesion (LESION_CLASSES: the circle, square, triangle and cross of make_shapes),
+    randomly placed, sized and rotated, with soft edges, mottled brown pigment of random contrast
+    on skin under uneven light, dark hairs and strong noise: other classes and image statistics
+    than `shapes`, the same outline features."""
+    rng = np.random.default_rng([seed, 505])
+    labels = rng.permutation(np.arange(n) % 4).astype(np.int64)
     out = np.empty((n, res, res, 3), dtype=np.uint8)
     gy, gx = _grid(res)
     for s in range(0, n, 500):
         lab = labels[s:s + 500]
         b = len(lab)
-        fam, coarse = lab // 2, lab % 2
         u = lambda lo, hi, *sh: rng.uniform(lo, hi, (b,) + sh).astype(np.float32)
-        period = np.where(coarse[:, None, None] == 1, u(12, 18, 1, 1), u(6, 9, 1, 1)) * res / 64
-        pu, pv = _rotated(b, rng, res)
-        pat = _pattern(fam, pu, pv, period, u(0, 1, 1, 1))[..., None]
-        fg1, fg2 = u(0, 1, 1, 1, 3), u(0, 1, 1, 1, 3)
-        fg2 = np.where(np.abs(fg1 - fg2).sum(-1, keepdims=True) < .6, 1 - fg1, fg2)  # keep contrast
-        img = fg1 * pat + fg2 * (1 - pat)
-        a = u(0, 6.28, 1, 1)                                # uneven light along a random direction
-        img = img * (0.75 + 0.25 * (np.cos(a) * gx + np.sin(a) * gy))[..., None]
-        for _ in range(2):                                  # occluders: soft discs of random colour
-            cy, cx, r = u(-1, 1, 1, 1), u(-1, 1, 1, 1), u(.05, .3, 1, 1)
-            disc = np.clip((r - np.sqrt((gy - cy) ** 2 + (gx - cx) ** 2)) * 20, 0, 1)[..., None]
-            img = img * (1 - disc) + u(0, 1, 1, 1, 3) * disc
-        img = img + (rng.random((b, res, res, 3), dtype=np.float32) - .5) * .1
+        skin = np.array([.86, .66, .56], np.float32) + u(-.07, .07, 1, 1, 3)
+        a = u(0, 6.28, 1, 1)
+        img = skin * (0.85 + 0.15 * (np.cos(a) * gx + np.sin(a) * gy))[..., None]
+        cy, cx, size, rot = u(-.25, .25, 1, 1), u(-.25, .25, 1, 1), u(.4, .6, 1, 1), u(0, 6.28, 1, 1)
+        du, dv = (gx - cx) / size, (gy - cy) / size
+        pu, pv = np.cos(rot) * du + np.sin(rot) * dv, -np.sin(rot) * du + np.cos(rot) * dv
+        m = _shape_mask(lab, pu, pv).astype(np.float32)
+        p = np.pad(m, ((0, 0), (1, 1), (1, 1)), mode="edge")      # soft edge: 3x3 box blur
+        m = sum(p[:, i:i + res, j:j + res] for i in range(3) for j in range(3))[..., None] / 9
+        mottle = 0.8 + 0.2 * np.sin(u(8, 16, 1, 1) * gx + u(0, 6.28, 1, 1)) * np.sin(u(8, 16, 1, 1) * gy)
+        pigment = np.array([.42, .25, .17], np.float32) + u(-.06, .06, 1, 1, 3)
+        img = img + (pigment * mottle[..., None] - img) * m * u(.45, .85, 1, 1, 1)
+        for _ in range(2):                                      # hairs: thin dark curves
+            hy, f, ph = u(-1, 1, 1, 1), u(1, 3, 1, 1), u(0, 6.28, 1, 1)
+            t = u(0, 6.28, 1, 1)
+            d = np.abs(np.sin(t) * gx + np.cos(t) * gy - hy - 0.15 * np.sin(f * gx + ph))
+            img = img * (1 - 0.5 * (d < 0.025)[..., None])
+        img = img + (rng.random((b, res, res, 3), dtype=np.float32) - .5) * .25
         out[s:s + b] = np.clip(img * 255, 0, 255).astype(np.uint8)
     return out, labels
 
 
-def make_tissue(n, seed, res=GENERATED_RES):
-    """Histology-like target task (uint8 [n, res, res, 3], int64 [n]): 4 tissue classes
-    (TISSUE_CLASSES) whose nuclei/fibre arrangement is a texture family of `make_textures`
-    (stripes, waves, zigzag, checker) at any period between 6 and 18 px, filling the tile, in
-    H&E-like pink and purple of random stain strength, low contrast, blurred edges and strong
-    noise: other classes and image statistics than the source, the same low-level features."""
-    rng = np.random.default_rng([seed, 404])
-    labels = rng.permutation(np.arange(n) % 4).astype(np.int64)
-    out = np.empty((n, res, res, 3), dtype=np.uint8)
-    for s in range(0, n, 500):
-        lab = labels[s:s + 500]
-        b = len(lab)
-        u = lambda lo, hi, *sh: rng.uniform(lo, hi, (b,) + sh).astype(np.float32)
-        period = u(6, 18, 1, 1) * res / 64
-        pu, pv = _rotated(b, rng, res, spread=4)
-        pat = _pattern(np.array(_TISSUE_FAMILY)[lab], pu, pv, period, u(0, 1, 1, 1))
-        # soften the edges: a 3x3 box blur, then the stain: eosin pink ground, haematoxylin purple
-        p = np.pad(pat, ((0, 0), (1, 1), (1, 1)), mode="edge")
-        pat = sum(p[:, i:i + res, j:j + res] for i in range(3) for j in range(3))[..., None] / 9
-        eosin = np.array([.92, .62, .78], np.float32) + u(-.06, .06, 1, 1, 3)
-        haem = np.array([.42, .22, .58], np.float32) + u(-.08, .08, 1, 1, 3)
-        contrast = u(.35, .8, 1, 1, 1)
-        img = eosin + (haem - eosin) * pat * contrast
-        img = img + (rng.random((b, res, res, 3), dtype=np.float32) - .5) * .3
-        out[s:s + b] = np.clip(img * 255, 0, 255).astype(np.uint8)
-    return out, labels
-
-
-_GENERATORS = {"synthetic": make_fundus, "shapes": make_shapes, "textures": make_textures, "tissue": make_tissue}
+_GENERATORS = {"synthetic": make_fundus, "shapes": make_shapes, "lesions": make_lesions}
 
 
 @functools.lru_cache(maxsize=4)
@@ -830,7 +779,7 @@ def _generated_arrays(name, n, seed):
 
 def _build_generated(name, img_size, seed):
     sizes = {"synthetic": (SYNTHETIC_SIZE, None), "shapes": (SHAPES_SIZE, None),
-             "textures": (TEXTURES_SIZE, None), "tissue": (sum(TISSUE_SPLIT), TISSUE_SPLIT)}
+             "lesions": (sum(LESIONS_SPLIT), LESIONS_SPLIT)}
     n, split = sizes[name]
     images, labels = _generated_arrays(name, n, seed)
     if split is None:
