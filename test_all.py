@@ -2001,7 +2001,7 @@ def test_plots_handwritten_runs(tmp_path):
     for name in expected:
         assert name + ".png" in files, f"{name}.png not written; have {sorted(files)}"
         assert _plots_is_png(os.path.join(out, name + ".png")), name
-    assert len(files) == len(set(expected)) + 2, sorted(files)  # + table.md, table.csv
+    assert len(files) == len(set(expected)) + 4, sorted(files)  # + table.md/.csv, findings.md/.json
     # no ref CKA on 'shapes' -> no cka_ref there; no temp files left behind
     assert "cka_ref_resnet18_shapes.png" not in files
     assert not [f for f in files if ".tmp" in f]
@@ -2046,8 +2046,9 @@ def test_plots_formats_and_empty_figures(tmp_path):
     _plots_write_run(str(runs), "resnet18", "synthetic", 0, 0, analyses=[])
     res = _plots_run_cli("plots.py", "--runs", str(runs), "--out", str(out), "--spread", "std")
     assert res.returncode == 0, res.stderr
-    assert sorted(os.listdir(out)) == ["convergence_synthetic.pdf", "convergence_synthetic.png", "sweep_synthetic.pdf",
-                                       "sweep_synthetic.png", "table.csv", "table.md"]
+    assert sorted(os.listdir(out)) == ["convergence_synthetic.pdf", "convergence_synthetic.png", "findings.json",
+                                       "findings.md", "sweep_synthetic.pdf", "sweep_synthetic.png", "table.csv",
+                                       "table.md"]
     assert _plots_is_png(out / "sweep_synthetic.png")
     with open(out / "sweep_synthetic.pdf", "rb") as f:
         assert f.read(5) == b"%PDF-"
