@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole study, end to end: WT-ST-n/m sweep, every analysis, the figures and findings.md.
 #
-# Offline (default, no data, no downloads, about 10 minutes on 2 CPU cores):
+# Offline (default, no data, no downloads; measured: about 1,900 CPU-seconds, see the README):
 #   1. pretrain each model from random init on `shapes` (the stand-in for ImageNet: 3,840
 #      training images, 16 classes of shapes x textures in random colours), once; its best.pt
 #      is the "WT" weights
