@@ -46,6 +46,7 @@ per-worker seeding govern it. Grey images are replicated to 3 channels.
 """
 import copy
 import csv
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -62,14 +63,16 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-DATASETS = ["aptos", "ddsm", "isic", "chexpert", "camelyon", "synthetic", "shapes"]
+DATASETS = ["aptos", "ddsm", "isic", "chexpert", "camelyon", "synthetic", "shapes", "lesions"]
+GENERATED_TASKS = ("synthetic", "shapes", "lesions")
 DEFAULT_IMG_SIZE = {"aptos": 224, "ddsm": 224, "isic": 224, "chexpert": 224, "camelyon": 224,
-                    "synthetic": 64, "shapes": 64}
+                    "synthetic": 64, "shapes": 64, "lesions": 64}
 
 CACHE_VERSION = 1            # bump to invalidate every cache after a change in decoding
 CACHE_WORKERS = None         # processes that build a cache (None: all cores)
 SYNTHETIC_SIZE = 3000        # images in the generated fundus-like task (all splits)
 SHAPES_SIZE = 4800           # images in the generated shapes task (all splits)
+LESIONS_SPLIT = (128, 64, 400)  # train, val, test images of the generated dermoscopy-like target
 GENERATED_RES = 64           # native resolution of both generated tasks
 
 CHEXPERT_CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
@@ -78,6 +81,7 @@ CHEXPERT_CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", 
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 SHAPE_NAMES = ["circle", "square", "triangle", "cross"]
 TEXTURE_NAMES = ["solid", "stripes", "checker", "dots"]
+LESION_CLASSES = ["round", "square", "triangular", "cruciform"]
 
 # your own images: --data folder (D/<class>/<image>) or csv (D/labels.csv); see _read_folder
 USER_DATA = ["folder", "csv"]
@@ -107,6 +111,7 @@ _SPECS = {
     "synthetic": dict(classes=[f"grade{g}" for g in range(5)], metric="quadratic_kappa", heldout=0.3),
     "shapes": dict(classes=[f"{s}-{t}" for s in SHAPE_NAMES for t in TEXTURE_NAMES],
                    metric="macro_recall", heldout=0.2),
+    "lesions": dict(classes=LESION_CLASSES, metric="macro_recall", heldout=None),
 }
 _SPECS.update(
     folder=dict(classes=[], metric=None, grey=False, heldout=0.3,
@@ -940,6 +945,20 @@ def make_fundus(n, seed, res=GENERATED_RES):
     return out, labels
 
 
+def _shape_mask(shape, pu, pv):
+    """Boolean masks [b, res, res] of each image's shape (0 circle, 1 square, 2 triangle, 3 cross)
+    in its own rotated, scaled coordinates (pu, pv), the shape filling about [-1, 1]."""
+    tri = np.ones_like(pu, dtype=bool)
+    for k in range(3):
+        ang = -np.pi / 2 + 2 * np.pi * k / 3
+        tri &= (np.cos(ang) * pu + np.sin(ang) * pv) < 0.5
+    masks = np.stack([pu ** 2 + pv ** 2 < 1,
+                      np.maximum(np.abs(pu), np.abs(pv)) < 0.8,
+                      tri,
+                      ((np.abs(pu) < .3) & (np.abs(pv) < .9)) | ((np.abs(pv) < .3) & (np.abs(pu) < .9))])
+    return masks[shape, np.arange(len(shape))]
+
+
 def make_shapes(n, seed, res=GENERATED_RES):
     """Natural-image-like source task (uint8 [n, res, res, 3], int64 [n]): 16 classes =
     4 shapes (circle, square, triangle, cross) x 4 textures (solid, stripes, checker, dots),
@@ -970,15 +989,7 @@ def make_shapes(n, seed, res=GENERATED_RES):
         cy, cx, size, rot = u(-.3, .3, 1, 1), u(-.3, .3, 1, 1), u(.4, .65, 1, 1), u(0, 6.28, 1, 1)
         du, dv = (gx - cx) / size, (gy - cy) / size
         pu, pv = np.cos(rot) * du + np.sin(rot) * dv, -np.sin(rot) * du + np.cos(rot) * dv
-        tri = np.ones_like(pu, dtype=bool)
-        for k in range(3):
-            ang = -np.pi / 2 + 2 * np.pi * k / 3
-            tri &= (np.cos(ang) * pu + np.sin(ang) * pv) < 0.5
-        masks = np.stack([pu ** 2 + pv ** 2 < 1,
-                          np.maximum(np.abs(pu), np.abs(pv)) < 0.8,
-                          tri,
-                          ((np.abs(pu) < .3) & (np.abs(pv) < .9)) | ((np.abs(pv) < .3) & (np.abs(pu) < .9))])
-        mask = masks[shape, np.arange(b)]
+        mask = _shape_mask(shape, pu, pv)
         # texture in pixel units, rotated with the shape, period 8-11 px
         period = u(8, 11, 1, 1) * 2 / res
         tu, tv = pu * size / period, pv * size / period
@@ -992,11 +1003,63 @@ def make_shapes(n, seed, res=GENERATED_RES):
     return out, labels
 
 
+def make_lesions(n, seed, res=GENERATED_RES):
+    """Dermoscopy-like target task (uint8 [n, res, res, 3], int64 [n]): 4 classes by the outline of
+    one pigmented lesion (LESION_CLASSES: the circle, square, triangle and cross of make_shapes),
+    randomly placed, sized and rotated, with soft edges, mottled brown pigment of random contrast
+    on skin under uneven light, dark hairs and strong noise: other classes and image statistics
+    than `shapes`, the same outline features."""
+    rng = np.random.default_rng([seed, 505])
+    labels = rng.permutation(np.arange(n) % 4).astype(np.int64)
+    out = np.empty((n, res, res, 3), dtype=np.uint8)
+    gy, gx = _grid(res)
+    for s in range(0, n, 500):
+        lab = labels[s:s + 500]
+        b = len(lab)
+        u = lambda lo, hi, *sh: rng.uniform(lo, hi, (b,) + sh).astype(np.float32)
+        skin = np.array([.86, .66, .56], np.float32) + u(-.07, .07, 1, 1, 3)
+        a = u(0, 6.28, 1, 1)
+        img = skin * (0.85 + 0.15 * (np.cos(a) * gx + np.sin(a) * gy))[..., None]
+        cy, cx, size, rot = u(-.25, .25, 1, 1), u(-.25, .25, 1, 1), u(.4, .6, 1, 1), u(0, 6.28, 1, 1)
+        du, dv = (gx - cx) / size, (gy - cy) / size
+        pu, pv = np.cos(rot) * du + np.sin(rot) * dv, -np.sin(rot) * du + np.cos(rot) * dv
+        m = _shape_mask(lab, pu, pv).astype(np.float32)
+        p = np.pad(m, ((0, 0), (1, 1), (1, 1)), mode="edge")      # soft edge: 3x3 box blur
+        m = sum(p[:, i:i + res, j:j + res] for i in range(3) for j in range(3))[..., None] / 9
+        mottle = 0.8 + 0.2 * np.sin(u(8, 16, 1, 1) * gx + u(0, 6.28, 1, 1)) * np.sin(u(8, 16, 1, 1) * gy)
+        pigment = np.array([.42, .25, .17], np.float32) + u(-.06, .06, 1, 1, 3)
+        img = img + (pigment * mottle[..., None] - img) * m * u(.45, .85, 1, 1, 1)
+        for _ in range(2):                                      # hairs: thin dark curves
+            hy, f, ph = u(-1, 1, 1, 1), u(1, 3, 1, 1), u(0, 6.28, 1, 1)
+            t = u(0, 6.28, 1, 1)
+            d = np.abs(np.sin(t) * gx + np.cos(t) * gy - hy - 0.15 * np.sin(f * gx + ph))
+            img = img * (1 - 0.5 * (d < 0.025)[..., None])
+        img = img + (rng.random((b, res, res, 3), dtype=np.float32) - .5) * .25
+        out[s:s + b] = np.clip(img * 255, 0, 255).astype(np.uint8)
+    return out, labels
+
+
+_GENERATORS = {"synthetic": make_fundus, "shapes": make_shapes, "lesions": make_lesions}
+
+
+@functools.lru_cache(maxsize=4)
+def _generated_arrays(name, n, seed):
+    """Generated images and labels, made once per process (a study runs many runs in one)."""
+    images, labels = _GENERATORS[name](n, seed)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
 def _build_generated(name, img_size, seed):
-    n = SYNTHETIC_SIZE if name == "synthetic" else SHAPES_SIZE
-    images, labels = (make_fundus if name == "synthetic" else make_shapes)(n, seed)
-    n_held = int(round(n * _SPECS[name]["heldout"]))
-    n_train, n_val = n - n_held, n_held // 2        # iid draws: slicing is a random split
+    sizes = {"synthetic": (SYNTHETIC_SIZE, None), "shapes": (SHAPES_SIZE, None),
+             "lesions": (sum(LESIONS_SPLIT), LESIONS_SPLIT)}
+    n, split = sizes[name]
+    images, labels = _generated_arrays(name, n, seed)
+    if split is None:
+        n_held = int(round(n * _SPECS[name]["heldout"]))
+        split = (n - n_held, n_held // 2, n_held - n_held // 2)
+    n_train, n_val = split[0], split[1]             # iid draws: slicing is a random split
     cuts = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val), "test": slice(n_train + n_val, n)}
     px = images[cuts["train"]].reshape(-1, 3) / 255.0
     mean, std = tuple(np.round(px.mean(0), 3).tolist()), tuple(np.round(px.std(0), 3).tolist())
@@ -1029,7 +1092,7 @@ def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True,
             "cache_file": None, "display_name": name}
     if name not in USER_DATA and metric is not None:         # folder/csv: once their classes are known
         info["metric"] = check_metric(name, metric, info["num_classes"], info["multilabel"])
-    if name in ("synthetic", "shapes"):
+    if name in GENERATED_TASKS:
         parts, mean, std = _build_generated(name, img_size, seed)
     elif name in USER_DATA:
         root = _check_root(name, root)

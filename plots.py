@@ -24,6 +24,7 @@ Files written to --out (one per format for figures), x = WT fraction n/N, 0 = ST
 | `curves_<model>_<data>.png` | training loss, validation metric and lr vs iteration of every run, one colour per WT fraction (from log.jsonl) |
 | `convergence_<data>.png` | iterations to the best validation metric vs WT fraction, and the speed-up over ST = mean ST iterations / iterations (Fig. 19) |
 | `table.md`, `table.csv` | test metric mean +- sample std over seeds, rows = (model, init), columns = datasets (Table 4: DeiT-S vs DeiT-S-5b) |
+| `findings.md`, `findings.json` | the paper's findings F1-F4, the numbers measured here (means, per seed) and "holds" / "does not hold" / "not measured" per dataset with ST and WT runs (also printed) |
 """
 import argparse
 import csv
@@ -821,6 +822,187 @@ def write_table(runs, args, written):
     save_text(args.out, "table.csv", buf.getvalue(), written)
 
 
+# ----------------------------------------------------------------------------- findings
+CLAIMS = {
+    "F1": "the fine-tuned test metric rises with the WT fraction: every WT seed beats every ST seed, "
+          "WT-ST-n/m lies in between on average, and WT beats RI (Fig. 2, 7, 8)",
+    "F2": "WT reaches its best validation metric in fewer iterations than ST (Fig. 19)",
+    "F3": "feature reuse: CKA between the initial and the fine-tuned model, over the first third of "
+          "the layers, is higher under WT than under ST (Fig. 9-10)",
+    "F4": "in a ViT's first third of blocks ST attention is more global (larger mean distance) than WT "
+          "(Fig. 18), and the gain of WT over ST is larger for the ViT than for the CNN",
+}
+
+
+def seed_values(runs, value, fmt="{:.3f}"):
+    """'mean m (per seed: s0 a, s1 b)' and the finite values, seeds in order."""
+    runs = sorted(runs, key=lambda r: str(r["seed"]))
+    v = [value(r) for r in runs]
+    ok = [x for x in v if math.isfinite(x)]
+    text = ("mean " + fmt.format(np.mean(ok)) if ok else "no value") + " (per seed: " + \
+        ", ".join(f"s{r['seed']} " + fmt.format(x) for r, x in zip(runs, v)) + ")"
+    return ok, text
+
+
+def first_third(v):
+    """Mean of the first ceil(len/3) finite-or-NaN entries (NaN when empty)."""
+    v = arr(v)
+    return nanmean(v[: math.ceil(len(v) / 3)]) if v.ndim == 1 and len(v) else float("nan")
+
+
+def early_cka(run):
+    """Mean CKA(fine-tuned layer i, initial layer i) over the first third of the layers."""
+    doc = run["analysis"].get("cka")
+    mats = doc["values"].get("init") if doc else None
+    if not isinstance(mats, dict) or not mats:
+        return float("nan")
+    m = arr(mats.get("all", next(iter(mats.values()))))
+    return first_third(np.diagonal(m)) if m.ndim == 2 else float("nan")
+
+
+def early_attention(run):
+    """Mean attention distance (px) over the first third of the blocks."""
+    doc = run["analysis"].get("attention")
+    return first_third(doc["values"].get("per_block", [])) if doc else float("nan")
+
+
+def verdict(ok):
+    return "holds" if ok else "does not hold"
+
+
+def model_findings(mruns):
+    """Per-model checks of F1-F3 and the numbers behind them: {finding: (ok or None, [lines])}."""
+    N = mruns[0]["N"]
+    groups = dict(by_n(mruns))
+    st, wt, ri = groups.get(0, []), groups.get(N, []), groups.get(None, [])
+    mid = [(n, g) for n, g in groups.items() if n is not None and 0 < n < N]
+    out = {}
+    if not st or not wt:
+        why = "needs ST (n=0) and WT (n=N) runs"
+        return {f: (None, [why]) for f in ("F1", "F2", "F3")}
+    metric = pretty(mruns[0]["metric"])
+    v_st, t_st = seed_values(st, test_value)
+    v_wt, t_wt = seed_values(wt, test_value)
+    lines = [f"test {metric}: WT {t_wt}; ST {t_st}"]
+    ok = bool(v_st and v_wt) and min(v_wt) > max(v_st)
+    lines.append(f"every WT seed > every ST seed: {'yes' if ok else 'no'}")
+    for n, g in sorted(mid, key=lambda kv: kv[0]):
+        v, t = seed_values(g, test_value)
+        between = bool(v) and bool(v_st) and bool(v_wt) and np.mean(v_st) < np.mean(v) < np.mean(v_wt)
+        ok &= between
+        lines.append(f"{init_label(n, N)}: {t}; between ST and WT on average: {'yes' if between else 'no'}")
+    if ri:
+        v_ri, t_ri = seed_values(ri, test_value)
+        beats = bool(v_ri) and bool(v_wt) and np.mean(v_wt) > np.mean(v_ri)
+        ok &= beats
+        lines.append(f"RI: {t_ri}; WT mean > RI mean: {'yes' if beats else 'no'}")
+    else:
+        ok = False
+        lines.append("no RI runs: WT vs RI not measured")
+    out["F1"] = (ok, lines)
+    c_st, ct_st = seed_values(st, convergence_value, "{:.0f}")
+    c_wt, ct_wt = seed_values(wt, convergence_value, "{:.0f}")
+    its = lambda g: ", ".join(str(r["summary"].get("iterations")) for r in sorted(g, key=lambda r: str(r["seed"])))
+    out["F2"] = (bool(c_st and c_wt) and np.mean(c_wt) < np.mean(c_st),
+                 [f"iterations to the best validation {metric}: WT {ct_wt}; ST {ct_st}",
+                  f"iterations run: WT {its(wt)}; ST {its(st)}"])
+    k_st, kt_st = seed_values(st, early_cka)
+    k_wt, kt_wt = seed_values(wt, early_cka)
+    out["F3"] = (bool(k_st and k_wt) and np.mean(k_wt) > np.mean(k_st) if k_st and k_wt else None,
+                 [f"CKA(initial, fine-tuned), same layer, first third of the layers: WT {kt_wt}; ST {kt_st}"]
+                 if k_st and k_wt else ["needs analysis/cka.json of the WT and ST runs"])
+    return out
+
+
+def source_note(mruns):
+    """Where the WT weights came from: the source run's task and test metric, if it is a run directory."""
+    w = mruns[0]["settings"].get("weights")
+    if not w or w == "imagenet":
+        return f"weights: {w or 'none'}"
+    src = os.path.dirname(w)
+    try:
+        s = read_json(os.path.join(src, "summary.json"))
+        return (f"source pretraining `{src}`: {pretty(s.get('model', '?'))} on {pretty(s.get('data', '?'))}, "
+                f"test {pretty(s.get('metric', 'metric'))} {float((s.get('test') or {}).get(s.get('metric'), float('nan'))):.3f} "
+                f"after {s.get('iterations')} iterations")
+    except (OSError, ValueError, TypeError):
+        return f"weights: `{w}` (no readable summary.json beside it)"
+
+
+def findings_for(druns, data):
+    """{finding: (ok or None, [lines])} for one dataset, over all its models."""
+    per_model = {m: model_findings([r for r in druns if r["model"] == m])
+                 for m in order([r["model"] for r in druns], MODEL_ORDER)}
+    res = {}
+    for f in ("F1", "F2", "F3"):
+        lines, oks = [], []
+        for m, fm in per_model.items():
+            ok, ls = fm[f]
+            oks.append(ok)
+            tag = "not measured" if ok is None else verdict(ok)
+            lines += [f"{pretty(m)} ({tag}): " + ls[0]] + [f"  {l}" for l in ls[1:]]
+        measured = [o for o in oks if o is not None]
+        res[f] = (all(measured) if measured else None, lines)
+    # F4: ViTs are the models with attention analyses; CNNs the others
+    vits = [m for m in per_model if any(r["facts"]["has_attention"] for r in druns if r["model"] == m)]
+    cnns = [m for m in per_model if m not in vits]
+    lines, ok = [], True
+    gains = {}
+    for m in per_model:
+        mr = [r for r in druns if r["model"] == m]
+        g = dict(by_n(mr))
+        st, wt = g.get(0, []), g.get(mr[0]["N"], [])
+        v_st, v_wt = [v for v in map(test_value, st) if math.isfinite(v)], [v for v in map(test_value, wt) if math.isfinite(v)]
+        if v_st and v_wt:
+            gains[m] = float(np.mean(v_wt) - np.mean(v_st))
+        if m in vits:
+            a_st, at_st = seed_values(st, early_attention, "{:.2f}")
+            a_wt, at_wt = seed_values(wt, early_attention, "{:.2f}")
+            more = bool(a_st and a_wt) and np.mean(a_st) > np.mean(a_wt)
+            ok &= more
+            lines.append(f"{pretty(m)}: mean attention distance (px), first third of the blocks: ST {at_st}; "
+                         f"WT {at_wt}; ST more global: {'yes' if more else 'no'}")
+    if not vits or not cnns or not all(m in gains for m in vits + cnns):
+        res["F4"] = (None, lines + ["needs WT and ST runs of a ViT (DeiT) and of a CNN"])
+    else:
+        larger = min(gains[m] for m in vits) > max(gains[m] for m in cnns)
+        ok &= larger
+        lines.append("gain WT - ST in mean test metric: " + ", ".join(f"{pretty(m)} {gains[m]:+.4f}" for m in vits + cnns)
+                     + f"; larger for the ViT: {'yes' if larger else 'no'}")
+        res["F4"] = (ok, lines)
+    return res
+
+
+def write_findings(runs, args, written):
+    """findings.md (and .json): each finding's claim, the numbers measured here, and whether it
+    holds, for every dataset with both ST and WT runs. Returns the markdown."""
+    md = ["# Findings", "", "Computed by plots.py from the run directories' summary.json and analysis/*.json. "
+          "A finding holds only if the numbers show it for every model measured; one that cannot be "
+          "computed from these runs is 'not measured'.", ""]
+    doc = {}
+    for data in order([r["data"] for r in runs], DATA_ORDER):
+        druns = [r for r in runs if r["data"] == data]
+        if not any(r["n"] == 0 for r in druns):
+            continue  # no ST runs: e.g. a source pretraining, not a WT-ST sweep
+        res = findings_for(druns, data)
+        doc[data] = {f: {"claim": CLAIMS[f], "verdict": "not measured" if ok is None else verdict(ok),
+                         "numbers": lines} for f, (ok, lines) in res.items()}
+        md += [f"## {pretty(data)}", ""]
+        md += [f"- {source_note([r for r in druns if r['model'] == m])} (for {pretty(m)})"
+               for m in order([r["model"] for r in druns], MODEL_ORDER)]
+        md += ["", "| finding | paper's claim | here |", "|---|---|---|"]
+        md += [f"| {f} | {CLAIMS[f]} | **{doc[data][f]['verdict']}** |" for f in res]
+        md.append("")
+        for f, (ok, lines) in res.items():
+            md += [f"### {f}: {doc[data][f]['verdict']}", "", f"Paper: {CLAIMS[f]}.", "", "```"] + lines + ["```", ""]
+    if not doc:
+        md.append("No dataset has both ST (n=0) and WT runs: nothing to compare.")
+    text = "\n".join(md) + "\n"
+    save_text(args.out, "findings.md", text, written)
+    save_text(args.out, "findings.json", json.dumps(doc, indent=1) + "\n", written)
+    return text
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -925,6 +1107,7 @@ def plot_all(args):
     write_table(runs, args, written)
     for note in notes:
         print(note)
+    print(write_findings(runs, args, written))
     return written
 
 

@@ -1,6 +1,7 @@
 """The toolkit's tests, one section per file: models, init, data, metrics, train, analyze, plots.
 Run: python -m pytest test_all.py -q (2 CPU cores, no GPU, no network)."""
 from pathlib import Path
+import argparse
 import copy
 import csv
 import functools
@@ -2853,7 +2854,7 @@ def test_plots_handwritten_runs(tmp_path):
     for name in expected:
         assert name + ".png" in files, f"{name}.png not written; have {sorted(files)}"
         assert _plots_is_png(os.path.join(out, name + ".png")), name
-    assert len(files) == len(set(expected)) + 2, sorted(files)  # + table.md, table.csv
+    assert len(files) == len(set(expected)) + 4, sorted(files)  # + table.md/.csv, findings.md/.json
     # no ref CKA on 'shapes' -> no cka_ref there; no temp files left behind
     assert "cka_ref_resnet18_shapes.png" not in files
     assert not [f for f in files if ".tmp" in f]
@@ -2909,8 +2910,9 @@ def test_plots_formats_and_empty_figures(tmp_path):
     _plots_write_run(str(runs), "resnet18", "synthetic", 0, 0, analyses=[])
     res = _plots_run_cli("plots.py", "--runs", str(runs), "--out", str(out), "--spread", "std")
     assert res.returncode == 0, res.stderr
-    assert sorted(os.listdir(out)) == ["convergence_synthetic.pdf", "convergence_synthetic.png", "sweep_synthetic.pdf",
-                                       "sweep_synthetic.png", "table.csv", "table.md"]
+    assert sorted(os.listdir(out)) == ["convergence_synthetic.pdf", "convergence_synthetic.png", "findings.json",
+                                       "findings.md", "sweep_synthetic.pdf", "sweep_synthetic.png", "table.csv",
+                                       "table.md"]
     assert _plots_is_png(out / "sweep_synthetic.png")
     with open(out / "sweep_synthetic.pdf", "rb") as f:
         assert f.read(5) == b"%PDF-"
@@ -3122,3 +3124,138 @@ def test_plots_end_to_end_tiny_runs(tmp_path):
     table = (out / "table.md").read_text()
     assert "| ResNet18 | WT n=6/6 |" in table and "| ResNet18 | WT-ST n=3/6 |" in table
     assert "| DeiT-T | ST n=0/14 |" in table
+
+
+# ----------------------------------------------------------------------------- findings (plots.py)
+def _findings_runs(root, models=("resnet18", "deit_s"), seeds=(0, 1, 2)):
+    """Made-up run sets on 'lesions' where every finding holds: the test metric, CKA to init and
+    speed rise with n, ST attention is more global, and the ViT gains more from WT."""
+    for model in models:
+        N = _PLOTS_N[model]
+        for seed in seeds:
+            for n in (0, N // 2, N):
+                _plots_write_run(root, model, "lesions", n, seed)
+        _plots_write_run(root, model, "lesions", None, 0)
+    for seed in seeds:  # a larger WT gain for the ViT
+        if "deit_s" in models:
+            path = os.path.join(root, f"deit_s-lesions-n14-s{seed}", "summary.json")
+            _findings_edit(path, lambda s: s["test"].update(macro_recall=s["test"]["macro_recall"] + 0.1))
+
+
+def _findings_edit(path, change):
+    with open(path) as f:
+        doc = json.load(f)
+    change(doc)
+    _plots_dump(path, doc)
+
+
+def _findings(root, out):
+    import plots
+    runs, _ = plots.find_runs(str(root))
+    text = plots.write_findings(runs, argparse.Namespace(out=str(out)), [])
+    with open(out / "findings.json") as f:
+        return text, json.load(f)
+
+
+def test_findings_hold(tmp_path):
+    _findings_runs(str(tmp_path / "runs"))
+    text, doc = _findings(tmp_path / "runs", tmp_path)
+    assert {f: d["verdict"] for f, d in doc["lesions"].items()} == {f: "holds" for f in ("F1", "F2", "F3", "F4")}
+    assert (tmp_path / "findings.md").read_text() == text
+    assert "| F1 |" in text and "**holds**" in text and "does not hold" not in text
+    # the numbers come from the runs: WT's per-seed test values are printed
+    with open(tmp_path / "runs" / "resnet18-lesions-n6-s1" / "summary.json") as f:
+        wt1 = json.load(f)["test"]["macro_recall"]
+    assert f"s1 {wt1:.3f}" in text
+
+
+def test_findings_do_not_hold(tmp_path):
+    """WT and ST swap their results (summary and analyses): every finding is reported as not holding;
+    one WT seed below one ST seed alone breaks F1; a model alone leaves F4 unmeasured."""
+    root = tmp_path / "runs"
+    _findings_runs(str(root))
+    for model, N in (("resnet18", 6), ("deit_s", 14)):
+        for seed in (0, 1, 2):
+            wt, st = root / f"{model}-lesions-n{N}-s{seed}", root / f"{model}-lesions-n0-s{seed}"
+            for name in ["summary.json"] + [f"analysis/{a}" for a in os.listdir(wt / "analysis")]:
+                a, b = (wt / name).read_bytes(), (st / name).read_bytes()
+                (wt / name).write_bytes(b)
+                (st / name).write_bytes(a)
+    _, doc = _findings(root, tmp_path)
+    assert {f: d["verdict"] for f, d in doc["lesions"].items()} == {f: "does not hold" for f in ("F1", "F2", "F3", "F4")}
+
+    root2 = tmp_path / "runs2"
+    _findings_runs(str(root2), models=("resnet18",))
+    st_best = max(json.loads((root2 / f"resnet18-lesions-n0-s{s}" / "summary.json").read_text())["test"]["macro_recall"]
+                  for s in (0, 1, 2))
+    _findings_edit(str(root2 / "resnet18-lesions-n6-s2" / "summary.json"),  # below the best ST seed, mean still higher
+                   lambda s: s["test"].update(macro_recall=st_best - 0.001))
+    text, doc = _findings(root2, tmp_path)
+    v = {f: d["verdict"] for f, d in doc["lesions"].items()}
+    assert v == {"F1": "does not hold", "F2": "holds", "F3": "holds", "F4": "not measured"}, v
+    assert "every WT seed > every ST seed: no" in text
+
+
+# ----------------------------------------------------------------------------- study.sh
+def _study(tmp_path, **env):
+    e = dict(os.environ, PY=sys.executable, RUNS=str(tmp_path / "runs"), FIGURES=str(tmp_path / "figs"),
+             SEEDS="0", EPOCHS="1", SOURCE_EPOCHS="1", SUBSET="32", BATCH="16", WARMUP="2", THREADS="1", **env)
+    return subprocess.run(["bash", os.path.join(ROOT, "study.sh")], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _study_check_findings(tmp_path, data, models):
+    """findings.md exists, names F1-F4 with a verdict each, and quotes the runs' test metrics."""
+    text = (tmp_path / "figs" / "findings.md").read_text()
+    with open(tmp_path / "figs" / "findings.json") as f:
+        doc = json.load(f)
+    assert set(doc) == {data}, doc.keys()
+    assert set(doc[data]) == {"F1", "F2", "F3", "F4"}
+    assert all(d["verdict"] in ("holds", "does not hold", "not measured") for d in doc[data].values())
+    for model in models:
+        with open(tmp_path / "runs" / "target" / f"{model}-{data}-n0-s0" / "summary.json") as f:
+            s = json.load(f)
+        assert f"s0 {s['test'][s['metric']]:.3f}" in text
+    return doc
+
+
+def test_study_offline_tiny(tmp_path):
+    """The default study with tiny knobs, end to end: source pretraining once per model, the
+    target sweep, analyses, figures and findings.md; a second call skips every finished step."""
+    res = _study(tmp_path, MODELS="resnet18:32 deit_t:32")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert sorted(os.listdir(runs / "source")) == ["deit_t-shapes", "resnet18-shapes"]
+    assert (runs / "target" / "deit_t-lesions-n0-s0" / "analysis" / "attention.json").exists()
+    assert (runs / "target" / "resnet18-lesions-n6-s0" / "analysis" / "cka.json").exists()
+    doc = _study_check_findings(tmp_path, "lesions", ["resnet18", "deit_t"])
+    assert doc["lesions"]["F4"]["verdict"] != "not measured"  # a ViT and a CNN are there
+    figs = set(os.listdir(tmp_path / "figs"))
+    assert "sweep_lesions.png" in figs and not [f for f in figs if "shapes" in f]  # source not plotted
+    assert "findings.md" in res.stdout and "| F1 |" in res.stdout  # printed too
+    mtime = (runs / "target" / "resnet18-lesions-n0-s0" / "summary.json").stat().st_mtime_ns
+    res = _study(tmp_path, MODELS="resnet18:32 deit_t:32")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (runs / "target" / "resnet18-lesions-n0-s0" / "summary.json").stat().st_mtime_ns == mtime
+    log = (runs / "logs" / "resnet18.log").read_text()
+    assert "already finished" in log and "analyze.py" not in log
+
+
+def test_study_own_data_from_weights(tmp_path):
+    """DATA=... runs the sweep from WEIGHTS (a local checkpoint standing in for ImageNet), no
+    source pretraining; one model, so F4 is 'not measured'. A missing WEIGHTS file is exit 2."""
+    import torch
+    import models
+    torch.manual_seed(0)
+    weights = tmp_path / "pretrained.pt"
+    torch.save({"model": models.create_model("resnet18", num_classes=1000, img_size=32).state_dict()}, weights)
+    res = _study(tmp_path, DATA="synthetic", MODEL="resnet18", WEIGHTS=str(weights), SIZE="32", NS="0 6",
+                 DEVICE="cpu")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not (tmp_path / "runs" / "source").exists()
+    with open(tmp_path / "runs" / "target" / "resnet18-synthetic-n6-s0" / "config.json") as f:
+        assert json.load(f)["config"]["weights"] == str(weights)
+    doc = _study_check_findings(tmp_path, "synthetic", ["resnet18"])
+    assert doc["synthetic"]["F4"]["verdict"] == "not measured"
+    res = _study(tmp_path / "x", DATA="synthetic", MODEL="resnet18", WEIGHTS=str(tmp_path / "nope.pt"))
+    assert res.returncode == 2 and "nope.pt" in res.stderr and not (tmp_path / "x").exists()
