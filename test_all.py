@@ -3241,6 +3241,34 @@ def test_study_offline_tiny(tmp_path):
     assert "already finished" in log and "analyze.py" not in log
 
 
+def test_study_own_folder_from_weights(tmp_path):
+    """Issue 14: `DATA=folder DATA_ROOT=... WEIGHTS=<file> bash study.sh` on a folder of your own
+    images runs the sweep, the analyses and findings.md, grouped under the folder's name."""
+    import torch
+    import models
+    root = tmp_path / "derm"
+    _user_folder(root, ["benign", "malignant"], 10)
+    torch.manual_seed(0)
+    weights = tmp_path / "pretrained.pt"
+    torch.save(models.create_model("resnet18", num_classes=1000, img_size=32).state_dict(), weights)
+    res = _study(tmp_path, DATA="folder", DATA_ROOT=str(root), MODEL="resnet18", WEIGHTS=str(weights),
+                 SIZE="32", NS="0 6", DEVICE="cpu")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = tmp_path / "runs" / "target"
+    assert sorted(os.listdir(runs)) == ["resnet18-folder-n0-s0", "resnet18-folder-n6-s0", "resnet18-folder-ri-s0"]
+    with open(runs / "resnet18-folder-n0-s0" / "config.json") as f:
+        doc = json.load(f)
+    assert doc["data"]["display_name"] == "derm" and doc["data"]["metric"] == "roc_auc"
+    assert (runs / "resnet18-folder-n6-s0" / "analysis" / "cka.json").exists()
+    text = (tmp_path / "figs" / "findings.md").read_text()
+    with open(tmp_path / "figs" / "findings.json") as f:
+        findings = json.load(f)
+    assert set(findings) == {"derm"} and findings["derm"]["F4"]["verdict"] == "not measured"
+    with open(runs / "resnet18-folder-n0-s0" / "summary.json") as f:
+        s = json.load(f)
+    assert f"s0 {s['test'][s['metric']]:.3f}" in text
+
+
 def test_study_own_data_from_weights(tmp_path):
     """DATA=... runs the sweep from WEIGHTS (a local checkpoint standing in for ImageNet), no
     source pretraining; one model, so F4 is 'not measured'. A missing WEIGHTS file is exit 2."""
