@@ -22,7 +22,6 @@ batches) and (b) the PyPI package pytorch-cka (minibatch CKA) when it is install
 import argparse
 import copy
 import multiprocessing
-import os
 import resource
 import statistics
 import sys
