@@ -973,6 +973,9 @@ def findings_for(druns, data):
     return res
 
 
+MIN_SEEDS = 3  # fewer seeds per initialisation: findings.md warns that its verdicts mean little
+
+
 def write_findings(runs, args, written):
     """findings.md (and .json): each finding's claim, the numbers measured here, and whether it
     holds, for every dataset with both ST and WT runs. Returns the markdown."""
@@ -990,6 +993,14 @@ def write_findings(runs, args, written):
         md += [f"## {pretty(data)}", ""]
         md += [f"- {source_note([r for r in druns if r['model'] == m])} (for {pretty(m)})"
                for m in order([r["model"] for r in druns], MODEL_ORDER)]
+        runs_per = {}  # WT and ST runs per model: the seeds behind each verdict
+        for r in druns:
+            if r["n"] in (0, r["N"]):
+                runs_per[(r["model"], r["n"])] = runs_per.get((r["model"], r["n"]), 0) + 1
+        seeds = min(runs_per.values())
+        if seeds < MIN_SEEDS:  # a verdict on one or two seeds is an anecdote, not a finding
+            md += ["", f"**Warning: only {seeds} seed(s) per initialisation: too few for these verdicts "
+                       f"to mean anything (use at least {MIN_SEEDS}).**"]
         md += ["", "| finding | paper's claim | here |", "|---|---|---|"]
         md += [f"| {f} | {CLAIMS[f]} | **{doc[data][f]['verdict']}** |" for f in res]
         md.append("")

@@ -149,6 +149,10 @@ for i in "${!pids[@]}"; do
 done
 [ "$fail" = 0 ] || exit 1
 
-echo "== figures and findings (source pretraining runs are in $RUNS/source, not plotted)"
+if [ "$OFFLINE" = 1 ]; then
+  echo "== figures and findings (source pretraining runs are in $RUNS/source, not plotted)"
+else
+  echo "== figures and findings"
+fi
 $PY plots.py --runs "$RUNS/target" --out "$FIGURES"
 echo "figures: $(cd "$FIGURES" && pwd)"

@@ -3163,6 +3163,7 @@ def test_findings_hold(tmp_path):
     assert {f: d["verdict"] for f, d in doc["lesions"].items()} == {f: "holds" for f in ("F1", "F2", "F3", "F4")}
     assert (tmp_path / "findings.md").read_text() == text
     assert "| F1 |" in text and "**holds**" in text and "does not hold" not in text
+    assert "Warning" not in text  # 3 seeds per initialisation: no small-sample warning
     # the numbers come from the runs: WT's per-seed test values are printed
     with open(tmp_path / "runs" / "resnet18-lesions-n6-s1" / "summary.json") as f:
         wt1 = json.load(f)["test"]["macro_recall"]
@@ -3264,6 +3265,7 @@ def test_study_own_folder_from_weights(tmp_path):
     with open(tmp_path / "figs" / "findings.json") as f:
         findings = json.load(f)
     assert set(findings) == {"derm"} and findings["derm"]["F4"]["verdict"] == "not measured"
+    assert "Warning: only 1 seed(s) per initialisation" in text  # one seed: verdicts flagged as meaningless
     with open(runs / "resnet18-folder-n0-s0" / "summary.json") as f:
         s = json.load(f)
     assert f"s0 {s['test'][s['metric']]:.3f}" in text
