@@ -119,17 +119,6 @@ def load_model(name, num_classes, img_size, source, where, need_head):
     return model.eval()
 
 
-def check_out(folder, flag):
-    """The analysis folder can be created and written (checked before anything is)."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"{flag} {folder}: {path} is a file, not a folder")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {folder}: {path} is not writable")
-
-
 def facts(model):
     """What plots.py needs to know about the model (it reads only JSON)."""
     return {"feature_types": model.feature_types(), "has_attention": bool(model.attention_layers())}
@@ -221,7 +210,7 @@ def prepare(args):
     cfg, meta, src, summary, out, todo = (run_inputs if args.run else checkpoint_inputs)(args, todo)
     job = types.SimpleNamespace(device=device, models={}, summary=summary, out=out, meta=meta,
                                 run=args.run.rstrip("/") or "/" if args.run else None)
-    check_out(out, "--run" if args.run else "--out")
+    data.check_writable_dir(out, "--run" if args.run else "--out")
 
     # the data first: for checkpoints, its class count decides the head
     job.train_ds = job.test_ds = job.info = None

@@ -670,6 +670,21 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def check_writable_dir(folder, flag):
+    """`flag folder` is, or can be created as, a folder this process can write: checked before
+    anything is written (train.py --out, analyze.py --run/--out)."""
+    path = os.path.abspath(folder)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {folder}: is a file, expected a folder")
+    parent = path
+    while not os.path.exists(parent):  # the nearest existing folder is where it will be created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {folder}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: {parent} is not writable")
+
+
 def remove_stale_tmp(folder):
     """Delete atomic_write's `*.tmp<pid>` files in folder whose writer process is gone (left by a
     SIGKILL); temp files of live processes on this machine stay. Returns the removed paths."""

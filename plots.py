@@ -1030,7 +1030,8 @@ def parse_args(argv=None):
 
 
 def check_out(out):
-    """--out is, or can become, a writable folder: checked before anything is read or written."""
+    """--out is, or can become, a writable folder: checked before anything is read or written.
+    (data.check_writable_dir does this for train.py and analyze.py; plots.py does not import torch.)"""
     path = os.path.abspath(out)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out {out}: is a file, expected a folder for the figures")

@@ -508,20 +508,6 @@ def setup_distributed(device_flag):
 RUN_FILES = ("config.json", "init.pt", "best.pt", "last.pt", "log.jsonl", "summary.json")
 
 
-def check_out(out):
-    """--out is a folder, or can be created as one, that this process can write (no file in the way)."""
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--out {out}: is a file, expected a run directory")
-    parent = path
-    while not os.path.exists(parent):  # the nearest existing folder is where the run goes
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {parent} is not writable")
-
-
 def existing_run(cfg, resume, overwrite):
     """What --out holds, checked without writing: 'fresh' (no run), 'replace' (--overwrite),
     'resume' (continue it) or 'finished'. Refuses folders whose config.json is not a run's."""
@@ -620,7 +606,7 @@ def main(argv=None):
         cfg = resolve_config(args, world)
         out = cfg["out"]
         started = time.time()
-        check_out(out)
+        data.check_writable_dir(out, "--out")
         state = existing_run(cfg, args.resume, args.overwrite)
         last = os.path.join(out, "last.pt")
         if state == "finished":
