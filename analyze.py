@@ -206,7 +206,13 @@ def prepare(args):
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         raise ValueError(f"--temperature {args.temperature}: expected a finite number > 0")
     device = pick_device(args.device)
-    todo = METRICS if args.metric == "all" else [args.metric]
+    skip = [m.strip() for m in (args.skip or "").split(",") if m.strip()]
+    bad = [m for m in skip if m not in METRICS]
+    if bad:
+        raise ValueError(f"--skip {args.skip}: {bad[0]!r} is not an analysis (expected names from {', '.join(METRICS)})")
+    if skip and args.metric != "all":
+        raise ValueError(f"--skip {args.skip}: only with --metric all")
+    todo = [m for m in METRICS if m not in skip] if args.metric == "all" else [args.metric]
     cfg, meta, src, summary, out, todo = (run_inputs if args.run else checkpoint_inputs)(args, todo)
     job = types.SimpleNamespace(device=device, models={}, summary=summary, out=out, meta=meta,
                                 run=args.run.rstrip("/") or "/" if args.run else None)
@@ -568,6 +574,8 @@ def build_parser():
     src.add_argument("--cache-dir", default=None, help="with --weights: image cache folder (default: see data.py)")
     p.add_argument("--metric", default="all", choices=METRICS + ["all"],
                    help="the analysis to run; all: every one that applies (default: %(default)s)")
+    p.add_argument("--skip", default=None, help="with --metric all: analyses to leave out, comma-separated "
+                                                "(e.g. reinit, the slowest) (default: none)")
     p.add_argument("--batch-size", type=int, default=128, help="CKA batch size, the paper's (default: %(default)s)")
     p.add_argument("--cka-mode", choices=["minibatch", "mean"], default="minibatch",
                    help="minibatch: Nguyen et al. 2021 ratio of summed HSIC; mean: mean of per-batch CKA "

@@ -1088,11 +1088,14 @@ def plot_all(args):
         raise FileNotFoundError(f"--runs {args.runs}: no finished run directories (config.json + summary.json) found")
     for note in check_groups(runs):
         print(note)
-    missing = [r for r in runs if r["missing"]]
+    missing = {}  # analysis -> runs without it (study.sh runs re-init on one run per model, by design)
+    for r in runs:
+        for m in r["missing"]:
+            missing.setdefault(m, []).append(r["dir"])
     if missing:
-        print(f"missing analyses ({len(missing)} of {len(runs)} runs; figures use the runs that have them):")
-        for r in missing:
-            print(f"  {r['dir']}: {', '.join(r['missing'])}")
+        print(f"missing analyses ({len(runs)} runs; figures use the runs that have them):")
+        for m, dirs in missing.items():
+            print(f"  {m}: {len(dirs)} run(s)" + (": " + ", ".join(dirs) if len(dirs) <= 3 else ""))
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:  # e.g. a read-only or virtual file system that os.access cannot tell

@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # The whole study, end to end: WT-ST-n/m sweep, every analysis, the figures and findings.md.
 #
-# Offline (default, no data, no downloads; measured: about 1,900 CPU-seconds, see the README):
+# Offline (default, no data, no downloads; measured: under 10 minutes on 2 CPU cores, see the README):
 #   1. pretrain each model from random init on `shapes` (the stand-in for ImageNet: 3,840
-#      training images, 16 classes of shapes x textures in random colours), once; its best.pt
-#      is the "WT" weights
-#   2. fine-tune on `lesions` (the stand-in for a small medical set: 128 dermoscopy-like
-#      training images, 4 classes by the lesion's outline) with WT-ST-n/m for n = 0, N/2, N
-#      and random init (RI), 3 seeds; a CNN and a ViT, in parallel
-#   3. run every analysis on every run (CKA of WT against ST with --ref)
+#      training images, 8 classes = 4 object shapes x dark/light scene, on textured
+#      backgrounds), once; its best.pt is the "WT" weights
+#   2. fine-tune on `lesions` (the stand-in for a small medical set: 256 dermoscopy-like
+#      training images, 4 classes by the lesion's outline) with WT-ST-n/m for n = 0, N/2, N,
+#      3 seeds, and random init (RI, first seed); a CNN and a ViT, in parallel
+#   3. run every analysis on every run (CKA of WT against ST with --ref; re-init, the slowest,
+#      on the first seed's WT run only)
 #   4. write the figures, table.md and findings.md (which of the paper's findings F1-F4 hold).
 # Your own data: DATA=folder DATA_ROOT=/data/mine MODEL=deit_s bash study.sh (or DATA=aptos, ...):
 #   the same sweep from the ImageNet weights (WEIGHTS=imagenet, or WEIGHTS=<checkpoint file>),
 #   no source pretraining, train.py's recipe (100 epochs with early stopping) unless EPOCHS is set.
 # Safe to re-run: finished runs and analyses are skipped (--resume), killed runs continue.
 # Settings (environment variables):
-#   MODELS   model[:img size[:lr]] entries, run in parallel (offline default
-#            "resnet18:32:1e-3 deit_t:64:2e-4"; own data "deit_s"); MODEL= one entry
+#   MODELS   model[:img size[:lr[:source lr[:source epochs]]]] entries, run in parallel
+#            (offline default "resnet18:32:2e-3:1e-3:2 deit_t:48:1e-3:3e-4:5"; own data "deit_s");
+#            MODEL= one entry
 #   SOURCE, TARGET: the offline tasks (default shapes, lesions)
-#   NS       n values of WT-ST-n/m (default "0 N/2 N" of each model); SEEDS (default "0 1 2")
-#   EPOCHS, SIZE and LR (all models), BATCH, WARMUP, PATIENCE: fine-tuning settings
-#   SOURCE_EPOCHS: source pretraining epochs; DATA, DATA_ROOT, WEIGHTS: your own data (above)
+#   NS       n values of WT-ST-n/m (default "0 N/2 N" of each model); SEEDS (default "0 1 2");
+#            RI_SEEDS (offline default: the first seed; own data: SEEDS)
+#   EPOCHS, SIZE and LR (all models), BATCH, WARMUP, PATIENCE, PLATEAU: fine-tuning settings
+#            (offline defaults 5, -, -, 32, 6, 6, 2; PATIENCE and PLATEAU count validations)
+#   SOURCE_EPOCHS: source pretraining epochs (all models); DATA, DATA_ROOT, WEIGHTS: your own data
+#   FORMAT   figure formats (offline default png; own data png,pdf)
 #   RUNS, FIGURES: output folders; PY: the Python; DEVICE (default cpu offline, else auto)
 #   SUBSET: at most this many images per split in every run (quick checks, tests)
 #   THREADS: torch threads per parallel model (default: cores / models, at least 1)
@@ -34,21 +39,25 @@ if [ -z "${DATA:-}" ]; then            # the offline study
   OFFLINE=1
   SOURCE=${SOURCE:-shapes}
   DATA=${TARGET:-lesions}
-  MODELS=${MODEL:-${MODELS:-"resnet18:32:1e-3 deit_t:64:2e-4"}}
-  EPOCHS=${EPOCHS:-8}
-  SOURCE_EPOCHS=${SOURCE_EPOCHS:-3}
+  MODELS=${MODEL:-${MODELS:-"resnet18:32:2e-3:1e-3:2 deit_t:48:1e-3:3e-4:5"}}
+  EPOCHS=${EPOCHS:-5}
   DEVICE=${DEVICE:-cpu}
-  TUNE=(--batch-size "${BATCH:-32}" --warmup "${WARMUP:-10}" --patience "${PATIENCE:-6}")
+  RI_SEEDS=${RI_SEEDS:-${SEEDS%% *}}   # random init is a reference, not a WT-ST init: one seed
+  FORMAT=${FORMAT:-png}
+  TUNE=(--epochs "$EPOCHS" --batch-size "${BATCH:-32}" --warmup "${WARMUP:-6}" --patience "${PATIENCE:-6}" --plateau-patience "${PLATEAU:-2}")
   [ -n "${WEIGHTS:-}" ] && { echo "study.sh: WEIGHTS is for DATA=... runs; the offline study pretrains its own" >&2; exit 2; }
 else                                   # your own data: ImageNet (or WEIGHTS) -> DATA
   OFFLINE=0
   MODELS=${MODEL:-${MODELS:-deit_s}}
   WEIGHTS=${WEIGHTS:-imagenet}
+  RI_SEEDS=${RI_SEEDS:-$SEEDS}
+  FORMAT=${FORMAT:-png,pdf}
   TUNE=()
   [ -n "${EPOCHS:-}" ] && TUNE+=(--epochs "$EPOCHS")
   [ -n "${BATCH:-}" ] && TUNE+=(--batch-size "$BATCH")
   [ -n "${WARMUP:-}" ] && TUNE+=(--warmup "$WARMUP")
   [ -n "${PATIENCE:-}" ] && TUNE+=(--patience "$PATIENCE")
+  [ -n "${PLATEAU:-}" ] && TUNE+=(--plateau-patience "$PLATEAU")
   if [ "$WEIGHTS" != imagenet ] && [ ! -f "$WEIGHTS" ]; then
     echo "study.sh: WEIGHTS=$WEIGHTS: no such checkpoint file (expected 'imagenet' or a path)" >&2; exit 2
   fi
@@ -78,23 +87,26 @@ for line in sys.stdin:
             sys.exit(rc)
 '
 
-groups() {  # N, the number of WT-ST module groups of model $1 at size $2 (asks models.py)
+model_facts() {  # "N attention": WT-ST module groups of model $1 at size $2, and 1 if it has global attention (asks models.py)
   $PY -c 'import sys, torch, models
 with torch.device("meta"):
-    print(len(models.create_model(sys.argv[1], num_classes=2, img_size=int(sys.argv[2])).wtst_groups()))' "$1" "$2"
+    m = models.create_model(sys.argv[1], num_classes=2, img_size=int(sys.argv[2]))
+print(len(m.wtst_groups()), int(bool(m.attention_layers())))' "$1" "$2"
 }
 
 q() { printf '%q ' "$@"; }  # one shell-quoted job line
 
-jobs_for() {  # the job lines of one model: $1 model, $2 image size ("" = the dataset's), $3 lr ("" = train.py's), $4 N
-  local model=$1 size=$2 lr=$3 N=$4 seed n weights run ref
-  local img=() opt=()
+jobs_for() {  # the job lines of one model: $1 model, $2 image size ("" = the dataset's), $3 lr ("" = train.py's),
+              # $4 N, $5 1 if it has attention, $6 source lr, $7 source pretraining epochs
+  local model=$1 size=$2 lr=$3 N=$4 attn=$5 slr=$6 sepochs=$7 seed n weights run ref marker
+  local img=() opt=() sopt=()
   [ -n "$size" ] && img=(--img-size "$size")
   [ -n "$lr" ] && opt=(--lr "$lr")
+  [ -n "$slr" ] && sopt=(--lr "$slr")
   local ns=${NS:-"0 $(( N / 2 )) $N"}
   if [ "$OFFLINE" = 1 ]; then
     local src="$RUNS/source/$model-$SOURCE"
-    echo "$(q train.py --model "$model" --data "$SOURCE" --init ri "${img[@]}" "${opt[@]}" --epochs "$SOURCE_EPOCHS" \
+    echo "$(q train.py --model "$model" --data "$SOURCE" --init ri "${img[@]}" "${sopt[@]}" --epochs "$sepochs" \
         --batch-size 32 --warmup 30 --patience 10 "${TRAIN[@]}" --out "$src" --resume)"
     weights="$src/best.pt"
   else
@@ -105,18 +117,27 @@ jobs_for() {  # the job lines of one model: $1 model, $2 image size ("" = the da
       echo "$(q train.py --model "$model" "${DATA_ARGS[@]}" --n "$n" --weights "$weights" "${img[@]}" "${opt[@]}" \
           "${TUNE[@]}" --seed "$seed" "${TRAIN[@]}" --out "$RUNS/target/$model-$DATA-n$n-s$seed" --resume)"
     done
+    [[ " $RI_SEEDS " == *" $seed "* ]] || continue
     echo "$(q train.py --model "$model" "${DATA_ARGS[@]}" --init ri "${img[@]}" "${opt[@]}" "${TUNE[@]}" \
         --seed "$seed" "${TRAIN[@]}" --out "$RUNS/target/$model-$DATA-ri-s$seed" --resume)"
   done
-  local first=${ns%% *} last=${ns##* }
+  local first=${ns%% *} last=${ns##* } seed0=${SEEDS%% *} metric
   for seed in $SEEDS; do
     for n in $ns ri; do
+      [ "$n" = ri ] && [[ " $RI_SEEDS " != *" $seed "* ]] && continue
       [ "$n" = ri ] && run="$RUNS/target/$model-$DATA-ri-s$seed" || run="$RUNS/target/$model-$DATA-n$n-s$seed"
-      # reinit.json is the last file `--metric all` writes: present = this run's analyses are done
-      [ -f "$run/analysis/reinit.json" ] && continue
+      # re-init (the slowest analysis) on the first seed's WT run only; the marker is the last
+      # file analyze.py writes: present = this run's analyses are done
+      if [ "$seed" = "$seed0" ] && [ "$n" = "$last" ]; then
+        metric=(--metric all) marker=reinit.json
+      else
+        metric=(--metric all --skip reinit)
+        [ "$attn" = 1 ] && marker=attention.json || marker=knn.json
+      fi
+      [ -f "$run/analysis/$marker" ] && continue
       ref=()
       [ "$n" = "$last" ] && ref=(--ref "$RUNS/target/$model-$DATA-n$first-s$seed")  # WT vs ST
-      echo "$(q analyze.py --run "$run" --metric all "${ref[@]}" "${DEV[@]}")"
+      echo "$(q analyze.py --run "$run" "${metric[@]}" "${ref[@]}" "${DEV[@]}")"
     done
   done
 }
@@ -127,13 +148,16 @@ else
   echo "== study on '$DATA' from weights '$WEIGHTS': models {$MODELS}, seeds {$SEEDS}"
 fi
 pids=() names=()
-for entry in $MODELS; do             # model[:size[:lr]]
-  IFS=: read -r model size lr <<< "$entry"
+for entry in $MODELS; do             # model[:size[:lr[:source lr[:source epochs]]]]
+  IFS=: read -r model size lr slr sepochs <<< "$entry"
   size=${SIZE:-$size}
   lr=${LR:-$lr}
-  N=$(groups "$model" "${size:-224}")
+  slr=${slr:-$lr}
+  facts=$(model_facts "$model" "${size:-224}")
+  read -r N attn <<< "$facts"
   echo "   $model: N = $N module groups, image size ${size:-the dataset's}, lr ${lr:-train.py's}, log $RUNS/logs/$model.log"
-  ( jobs_for "$model" "$size" "$lr" "$N" | OMP_NUM_THREADS=$THREADS $PY -c "$RUNNER" > "$RUNS/logs/$model.log" 2>&1 ) &
+  sepochs=${SOURCE_EPOCHS:-${sepochs:-3}}
+  ( jobs_for "$model" "$size" "$lr" "$N" "$attn" "$slr" "$sepochs" | OMP_NUM_THREADS=$THREADS $PY -c "$RUNNER" > "$RUNS/logs/$model.log" 2>&1 ) &
   pids+=($!)
   names+=("$model")
 done
@@ -154,5 +178,5 @@ if [ "$OFFLINE" = 1 ]; then
 else
   echo "== figures and findings"
 fi
-$PY plots.py --runs "$RUNS/target" --out "$FIGURES"
+$PY plots.py --runs "$RUNS/target" --out "$FIGURES" --format "$FORMAT"
 echo "figures: $(cd "$FIGURES" && pwd)"
