@@ -7,7 +7,7 @@
 #      backgrounds), once; its best.pt is the "WT" weights
 #   2. fine-tune on `lesions` (the stand-in for a small medical set: 256 dermoscopy-like
 #      training images, 4 classes by the lesion's outline) with WT-ST-n/m for n = 0, N/2, N,
-#      3 seeds, and random init (RI, first seed); a CNN and a ViT, in parallel
+#      3 seeds, and random init (RI, first seed); a CNN and a ViT, their jobs shared by 2 workers
 #   3. run every analysis on every run (CKA of WT against ST with --ref; re-init, the slowest,
 #      on the first seed's WT run only)
 #   4. write the figures, table.md and findings.md (which of the paper's findings F1-F4 hold).
@@ -16,19 +16,20 @@
 #   no source pretraining, train.py's recipe (100 epochs with early stopping) unless EPOCHS is set.
 # Safe to re-run: finished runs and analyses are skipped (--resume), killed runs continue.
 # Settings (environment variables):
-#   MODELS   model[:img size[:lr[:source lr[:source epochs]]]] entries, run in parallel
-#            (offline default "resnet18:32:2e-3:1e-3:2 deit_t:48:1e-3:3e-4:5"; own data "deit_s");
-#            MODEL= one entry
+#   MODELS   model[:img size[:lr[:source lr[:source epochs[:epochs[:batch]]]]]] entries; empty
+#            fields take the defaults (offline default
+#            "resnet18:32:2e-3:1e-3:2:5:16 deit_t:48:1e-3:3e-4:5:5:32"; own data "deit_s"); MODEL= one entry
 #   SOURCE, TARGET: the offline tasks (default shapes, lesions)
 #   NS       n values of WT-ST-n/m (default "0 N/2 N" of each model); SEEDS (default "0 1 2");
 #            RI_SEEDS (offline default: the first seed; own data: SEEDS)
-#   EPOCHS, SIZE and LR (all models), BATCH, WARMUP, PATIENCE, PLATEAU: fine-tuning settings
-#            (offline defaults 5, -, -, 32, 6, 6, 2; PATIENCE and PLATEAU count validations)
+#   EPOCHS, SIZE, LR and BATCH (all models, over MODELS), WARMUP, PATIENCE, PLATEAU: fine-tuning
+#            settings (offline defaults: per model, then 6, 6, 2; PATIENCE and PLATEAU count validations)
 #   SOURCE_EPOCHS: source pretraining epochs (all models); DATA, DATA_ROOT, WEIGHTS: your own data
 #   FORMAT   figure formats (offline default png; own data png,pdf)
 #   RUNS, FIGURES: output folders; PY: the Python; DEVICE (default cpu offline, else auto)
 #   SUBSET: at most this many images per split in every run (quick checks, tests)
-#   THREADS: torch threads per parallel model (default: cores / models, at least 1)
+#   WORKERS: parallel Python processes sharing the jobs (default: one per model)
+#   THREADS: torch threads per worker (default: cores / workers, at least 1)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -39,12 +40,11 @@ if [ -z "${DATA:-}" ]; then            # the offline study
   OFFLINE=1
   SOURCE=${SOURCE:-shapes}
   DATA=${TARGET:-lesions}
-  MODELS=${MODEL:-${MODELS:-"resnet18:32:2e-3:1e-3:2 deit_t:48:1e-3:3e-4:5"}}
-  EPOCHS=${EPOCHS:-5}
+  MODELS=${MODEL:-${MODELS:-"resnet18:32:2e-3:1e-3:2:5:16 deit_t:48:1e-3:3e-4:5:5:32"}}
   DEVICE=${DEVICE:-cpu}
   RI_SEEDS=${RI_SEEDS:-${SEEDS%% *}}   # random init is a reference, not a WT-ST init: one seed
   FORMAT=${FORMAT:-png}
-  TUNE=(--epochs "$EPOCHS" --batch-size "${BATCH:-32}" --warmup "${WARMUP:-6}" --patience "${PATIENCE:-6}" --plateau-patience "${PLATEAU:-2}")
+  TUNE=(--warmup "${WARMUP:-6}" --patience "${PATIENCE:-6}" --plateau-patience "${PLATEAU:-2}")
   [ -n "${WEIGHTS:-}" ] && { echo "study.sh: WEIGHTS is for DATA=... runs; the offline study pretrains its own" >&2; exit 2; }
 else                                   # your own data: ImageNet (or WEIGHTS) -> DATA
   OFFLINE=0
@@ -53,8 +53,6 @@ else                                   # your own data: ImageNet (or WEIGHTS) ->
   RI_SEEDS=${RI_SEEDS:-$SEEDS}
   FORMAT=${FORMAT:-png,pdf}
   TUNE=()
-  [ -n "${EPOCHS:-}" ] && TUNE+=(--epochs "$EPOCHS")
-  [ -n "${BATCH:-}" ] && TUNE+=(--batch-size "$BATCH")
   [ -n "${WARMUP:-}" ] && TUNE+=(--warmup "$WARMUP")
   [ -n "${PATIENCE:-}" ] && TUNE+=(--patience "$PATIENCE")
   [ -n "${PLATEAU:-}" ] && TUNE+=(--plateau-patience "$PLATEAU")
@@ -71,55 +69,132 @@ TRAIN=("${DEV[@]}")
 set -- $MODELS
 NMODELS=$#
 CORES=$(nproc 2>/dev/null || echo 2)
-THREADS=${THREADS:-$(( CORES / NMODELS > 0 ? CORES / NMODELS : 1 ))}
-mkdir -p "$RUNS/logs"
+count() {  # $1 names a whole number >= 1, else a one-line error (exit 2)
+  [[ ${!1} =~ ^[1-9][0-9]*$ ]] || { echo "study.sh: $1=${!1}: expected a whole number >= 1" >&2; exit 2; }
+}
+WORKERS=${WORKERS:-$NMODELS}
+count WORKERS
+THREADS=${THREADS:-$(( CORES / WORKERS > 0 ? CORES / WORKERS : 1 ))}
+count THREADS
+LOGS=$RUNS/logs
 
-# Each model's runs go through one Python process reading "script.py args" lines from stdin
-# (importing torch once instead of ~25 times saves minutes on a small CPU); stops at a failure.
+# Every job (source pretraining, target run, analysis) is a line of $LOGS/jobs.tsv: id, model,
+# "script.py args", then the ids of the jobs it needs. WORKERS Python processes share that queue:
+# each takes the first unclaimed job whose inputs are done (claims/<i> holds the worker's pid,
+# claims/<i>.done marks it finished), so a core never idles while another model has work left.
+# One process runs many jobs (train.main / analyze.main): torch is imported once, not ~25 times.
+# A job's output goes to its model's log; the first failure stops every worker.
 RUNNER='
-import importlib, shlex, sys
-for line in sys.stdin:
-    if line.strip():
-        script, *argv = shlex.split(line)
+import contextlib, importlib, os, shlex, sys, time, traceback
+logs = sys.argv[1]
+jobs = [line.rstrip("\n").split("\t") for line in open(os.path.join(logs, "jobs.tsv")) if line.strip()]
+index = {job[0]: i for i, job in enumerate(jobs)}
+claim = lambda i, what="": os.path.join(logs, "claims", f"{i}{what}")
+done = lambda i: os.path.exists(claim(i, ".done"))
+failed = os.path.join(logs, "failed")
+
+def alive(i):  # the worker that claimed job i is still running (no pid yet: it is just starting)
+    try:
+        os.kill(int(open(claim(i)).read() or 0), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+def run(i):
+    model, line = jobs[i][1], jobs[i][2]
+    with open(os.path.join(logs, model + ".log"), "a") as log, \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         print("$ python " + line.strip(), flush=True)
-        rc = importlib.import_module(script[:-3]).main(argv)
-        if rc:
-            sys.exit(rc)
+        try:
+            script, *argv = shlex.split(line)
+            rc = importlib.import_module(script[:-3]).main(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) or e.code is None else 1
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+    if rc:
+        with open(failed, "w") as f:
+            f.write(model)
+        sys.exit(1)
+    open(claim(i, ".done"), "w").close()
+
+while not os.path.exists(failed):
+    todo = [i for i in range(len(jobs)) if not os.path.exists(claim(i))]
+    if not todo:
+        break
+    for i in todo:
+        needs = [index[d] for d in jobs[i][3:] if d in index]
+        if any(os.path.exists(claim(d)) and not done(d) and not alive(d) for d in needs):
+            open(failed, "w").write(jobs[i][1])  # an input job died without a word (killed)
+            sys.exit(1)
+        if not all(done(d) for d in needs):
+            continue
+        try:
+            fd = os.open(claim(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue  # another worker took it
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        run(i)
+        break
+    else:
+        time.sleep(0.2)  # every job left waits for an input that another worker is making
+sys.exit(1 if os.path.exists(failed) else 0)
 '
 
-model_facts() {  # "N attention": WT-ST module groups of model $1 at size $2, and 1 if it has global attention (asks models.py)
+model_facts() {  # one line "N attention" per (model, size) pair of arguments: its WT-ST module
+                 # groups, and 1 if it has global attention (asks models.py; one torch import for all)
   $PY -c 'import sys, torch, models
-with torch.device("meta"):
-    m = models.create_model(sys.argv[1], num_classes=2, img_size=int(sys.argv[2]))
-print(len(m.wtst_groups()), int(bool(m.attention_layers())))' "$1" "$2"
+args = sys.argv[1:]
+for name, size in zip(args[::2], args[1::2]):
+    try:
+        with torch.device("meta"):
+            m = models.create_model(name, num_classes=2, img_size=int(size))
+    except ValueError as e:
+        sys.exit(print(f"study.sh: MODELS entry {name} at size {size}: {e}", file=sys.stderr) or 2)
+    print(len(m.wtst_groups()), int(bool(m.attention_layers())))' "$@"
 }
 
-q() { printf '%q ' "$@"; }  # one shell-quoted job line
+q() { printf '%q ' "$@"; }  # one shell-quoted command
+job() {  # one line of jobs.tsv: $1 id, $2 model, $3 command, then the ids of the jobs it needs
+  printf '%s\t' "$1" "$2"
+  printf '%s' "$3"
+  shift 3
+  [ $# = 0 ] || printf '\t%s' "$@"
+  printf '\n'
+}
 
-jobs_for() {  # the job lines of one model: $1 model, $2 image size ("" = the dataset's), $3 lr ("" = train.py's),
-              # $4 N, $5 1 if it has attention, $6 source lr, $7 source pretraining epochs
-  local model=$1 size=$2 lr=$3 N=$4 attn=$5 slr=$6 sepochs=$7 seed n weights run ref marker
+jobs_for() {  # the jobs.tsv lines of one model: $1 model, $2 image size ("" = the dataset's), $3 lr ("" = train.py's),
+              # $4 N, $5 1 if it has attention, $6 source lr, $7 source pretraining epochs,
+              # $8 fine-tuning epochs and $9 batch size ("" = train.py's)
+  local model=$1 size=$2 lr=$3 N=$4 attn=$5 slr=$6 sepochs=$7 epochs=$8 batch=$9 seed n weights run ref marker
   local img=() opt=() sopt=()
   [ -n "$size" ] && img=(--img-size "$size")
   [ -n "$lr" ] && opt=(--lr "$lr")
+  [ -n "$epochs" ] && opt+=(--epochs "$epochs")
+  [ -n "$batch" ] && opt+=(--batch-size "$batch")
   [ -n "$slr" ] && sopt=(--lr "$slr")
   local ns=${NS:-"0 $(( N / 2 )) $N"}
+  local src=""   # the source pretraining run: every WT-ST run needs its best.pt
   if [ "$OFFLINE" = 1 ]; then
-    local src="$RUNS/source/$model-$SOURCE"
-    echo "$(q train.py --model "$model" --data "$SOURCE" --init ri "${img[@]}" "${sopt[@]}" --epochs "$sepochs" \
-        --batch-size 32 --warmup 30 --patience 10 "${TRAIN[@]}" --out "$src" --resume)"
+    src="$RUNS/source/$model-$SOURCE"
+    job "$src" "$model" "$(q train.py --model "$model" --data "$SOURCE" --init ri "${img[@]}" "${sopt[@]}" \
+        --epochs "$sepochs" --batch-size 32 --warmup 30 --patience 10 "${TRAIN[@]}" --out "$src" --resume)"
     weights="$src/best.pt"
   else
     weights=$WEIGHTS
   fi
   for seed in $SEEDS; do
     for n in $ns; do
-      echo "$(q train.py --model "$model" "${DATA_ARGS[@]}" --n "$n" --weights "$weights" "${img[@]}" "${opt[@]}" \
-          "${TUNE[@]}" --seed "$seed" "${TRAIN[@]}" --out "$RUNS/target/$model-$DATA-n$n-s$seed" --resume)"
+      run="$RUNS/target/$model-$DATA-n$n-s$seed"
+      job "$run" "$model" "$(q train.py --model "$model" "${DATA_ARGS[@]}" --n "$n" --weights "$weights" "${img[@]}" \
+          "${opt[@]}" "${TUNE[@]}" --seed "$seed" "${TRAIN[@]}" --out "$run" --resume)" ${src:+"$src"}
     done
     [[ " $RI_SEEDS " == *" $seed "* ]] || continue
-    echo "$(q train.py --model "$model" "${DATA_ARGS[@]}" --init ri "${img[@]}" "${opt[@]}" "${TUNE[@]}" \
-        --seed "$seed" "${TRAIN[@]}" --out "$RUNS/target/$model-$DATA-ri-s$seed" --resume)"
+    run="$RUNS/target/$model-$DATA-ri-s$seed"
+    job "$run" "$model" "$(q train.py --model "$model" "${DATA_ARGS[@]}" --init ri "${img[@]}" "${opt[@]}" "${TUNE[@]}" \
+        --seed "$seed" "${TRAIN[@]}" --out "$run" --resume)"
   done
   local first=${ns%% *} last=${ns##* } seed0=${SEEDS%% *} metric
   for seed in $SEEDS; do
@@ -137,7 +212,8 @@ jobs_for() {  # the job lines of one model: $1 model, $2 image size ("" = the da
       [ -f "$run/analysis/$marker" ] && continue
       ref=()
       [ "$n" = "$last" ] && ref=(--ref "$RUNS/target/$model-$DATA-n$first-s$seed")  # WT vs ST
-      echo "$(q analyze.py --run "$run" "${metric[@]}" "${ref[@]}" "${DEV[@]}")"
+      job "analyze $run" "$model" "$(q analyze.py --run "$run" "${metric[@]}" "${ref[@]}" "${DEV[@]}")" \
+          "$run" ${ref[1]:+"${ref[1]}"}
     done
   done
 }
@@ -147,31 +223,56 @@ if [ "$OFFLINE" = 1 ]; then
 else
   echo "== study on '$DATA' from weights '$WEIGHTS': models {$MODELS}, seeds {$SEEDS}"
 fi
-pids=() names=()
-for entry in $MODELS; do             # model[:size[:lr[:source lr[:source epochs]]]]
-  IFS=: read -r model size lr slr sepochs <<< "$entry"
+pairs=()
+for entry in $MODELS; do
+  IFS=: read -r model size _ <<< "$entry"
+  pairs+=("$model" "${SIZE:-${size:-224}}")
+done
+FACTS=$(model_facts "${pairs[@]}")   # exits 2 on a bad model name or size, before anything runs
+mkdir -p "$LOGS"
+: > "$LOGS/jobs.tsv.tmp"
+k=0
+for entry in $MODELS; do             # model[:size[:lr[:source lr[:source epochs[:epochs[:batch]]]]]]
+  IFS=: read -r model size lr slr sepochs epochs batch <<< "$entry"
   size=${SIZE:-$size}
   lr=${LR:-$lr}
+  epochs=${EPOCHS:-$epochs}
+  batch=${BATCH:-$batch}
+  [ "$OFFLINE" = 1 ] && epochs=${epochs:-5} batch=${batch:-32}
   slr=${slr:-$lr}
-  facts=$(model_facts "$model" "${size:-224}")
-  read -r N attn <<< "$facts"
-  echo "   $model: N = $N module groups, image size ${size:-the dataset's}, lr ${lr:-train.py's}, log $RUNS/logs/$model.log"
+  k=$(( k + 1 ))
+  read -r N attn <<< "$(sed -n "${k}p" <<< "$FACTS")"
+  shown_size="the dataset's" dflt="train.py's"
+  echo "   $model: N = $N module groups, image size ${size:-$shown_size}, lr ${lr:-$dflt}, epochs ${epochs:-$dflt}, batch ${batch:-$dflt}, log $RUNS/logs/$model.log"
   sepochs=${SOURCE_EPOCHS:-${sepochs:-3}}
-  ( jobs_for "$model" "$size" "$lr" "$N" "$attn" "$slr" "$sepochs" | OMP_NUM_THREADS=$THREADS $PY -c "$RUNNER" > "$RUNS/logs/$model.log" 2>&1 ) &
+  jobs_for "$model" "$size" "$lr" "$N" "$attn" "$slr" "$sepochs" "$epochs" "$batch" >> "$LOGS/jobs.tsv.tmp"
+  : > "$LOGS/$model.log"
+done
+mv "$LOGS/jobs.tsv.tmp" "$LOGS/jobs.tsv"
+rm -rf "$LOGS/claims" "$LOGS/failed"   # the queue's state from an earlier call (finished jobs are skipped anyway)
+mkdir "$LOGS/claims"
+echo "   $(wc -l < "$LOGS/jobs.tsv") jobs ($LOGS/jobs.tsv) on $WORKERS workers x $THREADS threads"
+pids=()
+for k in $(seq "$WORKERS"); do
+  OMP_NUM_THREADS=$THREADS $PY -c "$RUNNER" "$LOGS" > "$LOGS/worker$k.log" 2>&1 &
   pids+=($!)
-  names+=("$model")
 done
 fail=0
-for i in "${!pids[@]}"; do
-  if wait "${pids[$i]}"; then
-    echo "   ${names[$i]}: runs and analyses done"
-  else
-    echo "study.sh: ${names[$i]} failed; the end of $RUNS/logs/${names[$i]}.log:" >&2
-    tail -n 15 "$RUNS/logs/${names[$i]}.log" >&2
-    fail=1
-  fi
+for pid in "${pids[@]}"; do
+  wait "$pid" || fail=1
 done
-[ "$fail" = 0 ] || exit 1
+if [ "$fail" = 1 ]; then
+  model=$(cat "$LOGS/failed" 2>/dev/null || true)
+  if [ -n "$model" ]; then
+    echo "study.sh: $model failed; the end of $LOGS/$model.log:" >&2
+    tail -n 15 "$LOGS/$model.log" >&2
+  else
+    echo "study.sh: a worker failed; the end of its log:" >&2
+    tail -n 15 "$LOGS"/worker*.log >&2
+  fi
+  exit 1
+fi
+echo "   runs and analyses done"
 
 if [ "$OFFLINE" = 1 ]; then
   echo "== figures and findings (source pretraining runs are in $RUNS/source, not plotted)"

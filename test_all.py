@@ -3215,7 +3215,8 @@ def test_findings_do_not_hold(tmp_path):
 # ----------------------------------------------------------------------------- study.sh
 def _study(tmp_path, **env):
     e = dict(os.environ, PY=sys.executable, RUNS=str(tmp_path / "runs"), FIGURES=str(tmp_path / "figs"),
-             SEEDS="0", EPOCHS="1", SOURCE_EPOCHS="1", SUBSET="32", BATCH="16", WARMUP="2", THREADS="1", **env)
+             SEEDS="0", EPOCHS="1", SOURCE_EPOCHS="1", SUBSET="32", BATCH="16", WARMUP="2", THREADS="1")
+    e.update(env)
     return subprocess.run(["bash", os.path.join(ROOT, "study.sh")], cwd=ROOT, env=e, capture_output=True,
                           text=True, timeout=900)
 
@@ -3238,9 +3239,14 @@ def _study_check_findings(tmp_path, data, models):
 def test_study_offline_tiny(tmp_path):
     """The default study with tiny knobs, end to end: source pretraining once per model, the
     target sweep, analyses, figures and findings.md; a second call skips every finished step."""
-    res = _study(tmp_path, MODELS="resnet18:32 deit_t:32")
+    models_env = "resnet18:32::::2:8 deit_t:32::::1"  # the last fields: each model's epochs and batch
+    res = _study(tmp_path, MODELS=models_env, EPOCHS="", BATCH="")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     runs = tmp_path / "runs"
+    for run, epochs, batch in [("resnet18-lesions-n0-s0", 2, 8), ("deit_t-lesions-ri-s0", 1, 32)]:
+        with open(runs / "target" / run / "config.json") as f:
+            cfg = json.load(f)["config"]
+        assert (cfg["epochs"], cfg["batch_size"]) == (epochs, batch), run
     assert sorted(os.listdir(runs / "source")) == ["deit_t-shapes", "resnet18-shapes"]
     assert (runs / "target" / "deit_t-lesions-n0-s0" / "analysis" / "attention.json").exists()
     assert (runs / "target" / "resnet18-lesions-n6-s0" / "analysis" / "cka.json").exists()
@@ -3254,11 +3260,28 @@ def test_study_offline_tiny(tmp_path):
     assert "sweep_lesions.png" in figs and not [f for f in figs if "shapes" in f]  # source not plotted
     assert "findings.md" in res.stdout and "| F1 |" in res.stdout  # printed too
     mtime = (runs / "target" / "resnet18-lesions-n0-s0" / "summary.json").stat().st_mtime_ns
-    res = _study(tmp_path, MODELS="resnet18:32 deit_t:32")
+    res = _study(tmp_path, MODELS=models_env, EPOCHS="", BATCH="")
     assert res.returncode == 0, res.stderr[-3000:]
     assert (runs / "target" / "resnet18-lesions-n0-s0" / "summary.json").stat().st_mtime_ns == mtime
     log = (runs / "logs" / "resnet18.log").read_text()
     assert "already finished" in log and "analyze.py" not in log
+
+
+def test_study_failed_job_stops_every_worker(tmp_path):
+    """The workers share one job queue; the first failing job stops them all, and study.sh
+    names the model and prints the end of its log (exit 1)."""
+    res = _study(tmp_path, MODELS="resnet18:32:-1 deit_t:32", WORKERS="2")
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "study.sh: resnet18 failed" in res.stderr and "--lr" in res.stderr, res.stderr
+    target = tmp_path / "runs" / "target"
+    assert not target.exists() or not os.listdir(target)  # deit_t's worker stopped after its source
+    assert (tmp_path / "runs" / "logs" / "failed").read_text() == "resnet18"
+    for knob, value, error in [("WORKERS", "two", "study.sh: WORKERS=two: expected a whole number"),
+                               ("THREADS", "0", "study.sh: THREADS=0: expected a whole number"),
+                               ("MODELS", "resnet18:32 resnet19:32", "study.sh: MODELS entry resnet19 at size 32: unknown model")]:
+        res = _study(tmp_path / "x", **{knob: value})
+        assert res.returncode == 2 and error in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+        assert not (tmp_path / "x").exists()
 
 
 def test_study_own_folder_from_weights(tmp_path):
