@@ -165,6 +165,8 @@ job() {  # one line of jobs.tsv: $1 id, $2 model, $3 command, then the ids of th
   printf '\n'
 }
 
+ri_seed() { [[ " $RI_SEEDS " == *" $1 "* ]]; }  # seed $1 gets an RI run
+
 jobs_for() {  # the jobs.tsv lines of one model: $1 model, $2 image size ("" = the dataset's), $3 lr ("" = train.py's),
               # $4 N, $5 1 if it has attention, $6 source lr, $7 source pretraining epochs,
               # $8 fine-tuning epochs and $9 batch size ("" = train.py's)
@@ -191,7 +193,7 @@ jobs_for() {  # the jobs.tsv lines of one model: $1 model, $2 image size ("" = t
       job "$run" "$model" "$(q train.py --model "$model" "${DATA_ARGS[@]}" --n "$n" --weights "$weights" "${img[@]}" \
           "${opt[@]}" "${TUNE[@]}" --seed "$seed" "${TRAIN[@]}" --out "$run" --resume)" ${src:+"$src"}
     done
-    [[ " $RI_SEEDS " == *" $seed "* ]] || continue
+    ri_seed "$seed" || continue
     run="$RUNS/target/$model-$DATA-ri-s$seed"
     job "$run" "$model" "$(q train.py --model "$model" "${DATA_ARGS[@]}" --init ri "${img[@]}" "${opt[@]}" "${TUNE[@]}" \
         --seed "$seed" "${TRAIN[@]}" --out "$run" --resume)"
@@ -199,7 +201,7 @@ jobs_for() {  # the jobs.tsv lines of one model: $1 model, $2 image size ("" = t
   local first=${ns%% *} last=${ns##* } seed0=${SEEDS%% *} metric
   for seed in $SEEDS; do
     for n in $ns ri; do
-      [ "$n" = ri ] && [[ " $RI_SEEDS " != *" $seed "* ]] && continue
+      [ "$n" = ri ] && ! ri_seed "$seed" && continue
       [ "$n" = ri ] && run="$RUNS/target/$model-$DATA-ri-s$seed" || run="$RUNS/target/$model-$DATA-n$n-s$seed"
       # re-init (the slowest analysis) on the first seed's WT run only; the marker is the last
       # file analyze.py writes: present = this run's analyses are done
