@@ -100,6 +100,11 @@ def alive(i):  # the worker that claimed job i is still running (no pid yet: it 
     except (OSError, ValueError):
         return False
 
+def stop(model):  # the first failure: every worker stops; study.sh prints the log of this model
+    with open(failed, "w") as f:
+        f.write(model)
+    sys.exit(1)
+
 def run(i):
     model, line = jobs[i][1], jobs[i][2]
     with open(os.path.join(logs, model + ".log"), "a") as log, \
@@ -114,9 +119,7 @@ def run(i):
             traceback.print_exc()
             rc = 1
     if rc:
-        with open(failed, "w") as f:
-            f.write(model)
-        sys.exit(1)
+        stop(model)
     open(claim(i, ".done"), "w").close()
 
 while not os.path.exists(failed):
@@ -125,9 +128,9 @@ while not os.path.exists(failed):
         break
     for i in todo:
         needs = [index[d] for d in jobs[i][3:] if d in index]
-        if any(os.path.exists(claim(d)) and not done(d) and not alive(d) for d in needs):
-            open(failed, "w").write(jobs[i][1])  # an input job died without a word (killed)
-            sys.exit(1)
+        dead = [d for d in needs if os.path.exists(claim(d)) and not done(d) and not alive(d)]
+        if dead:
+            stop(jobs[dead[0]][1])  # the worker of an input job died without a word (killed)
         if not all(done(d) for d in needs):
             continue
         try:
