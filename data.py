@@ -1019,9 +1019,9 @@ def make_shapes(n, seed, res=GENERATED_RES):
 def make_lesions(n, seed, res=GENERATED_RES):
     """Dermoscopy-like target task (uint8 [n, res, res, 3], int64 [n]): 4 classes by the outline of
     one pigmented lesion (LESION_CLASSES: the circle, square, triangle and cross of make_shapes),
-    near the centre (as dermoscopy frames a lesion), randomly sized and slightly rotated, with soft edges, mottled brown pigment of random contrast
-    on skin under uneven light, dark hairs and strong noise: other classes and image statistics
-    than `shapes`, the same outline features."""
+    near the centre (as dermoscopy frames a lesion), randomly sized and slightly rotated, with
+    soft edges, mottled brown pigment of random contrast on skin under uneven light, dark hairs
+    and strong noise: other classes and image statistics than `shapes`, the same outline features."""
     rng = np.random.default_rng([seed, 505])
     labels = rng.permutation(np.arange(n) % 4).astype(np.int64)
     out = np.empty((n, res, res, 3), dtype=np.uint8)

@@ -228,30 +228,32 @@ if [ "$OFFLINE" = 1 ]; then
 else
   echo "== study on '$DATA' from weights '$WEIGHTS': models {$MODELS}, seeds {$SEEDS}"
 fi
-pairs=()
+pairs=() sizes=()                    # each entry's image size (SIZE overrides; "" = the dataset's)
 for entry in $MODELS; do
   IFS=: read -r model size _ <<< "$entry"
-  pairs+=("$model" "${SIZE:-${size:-224}}")
+  sizes+=("${SIZE:-$size}")
+  pairs+=("$model" "${sizes[-1]:-224}")
 done
 FACTS=$(model_facts "${pairs[@]}")   # exits 2 on a bad model name or size, before anything runs
+mapfile -t facts <<< "$FACTS"        # "N attention" of each entry
 mkdir -p "$LOGS"
 : > "$LOGS/jobs.tsv.tmp"
 k=0
 for entry in $MODELS; do             # model[:size[:lr[:source lr[:source epochs[:epochs[:batch]]]]]]
-  IFS=: read -r model size lr slr sepochs epochs batch <<< "$entry"
-  size=${SIZE:-$size}
+  IFS=: read -r model _ lr slr sepochs epochs batch <<< "$entry"
+  size=${sizes[k]}
   lr=${LR:-$lr}
   epochs=${EPOCHS:-$epochs}
   batch=${BATCH:-$batch}
   [ "$OFFLINE" = 1 ] && epochs=${epochs:-5} batch=${batch:-32}
   slr=${slr:-$lr}
-  k=$(( k + 1 ))
-  read -r N attn <<< "$(sed -n "${k}p" <<< "$FACTS")"
+  read -r N attn <<< "${facts[k]}"
   shown_size="the dataset's" dflt="train.py's"
   echo "   $model: N = $N module groups, image size ${size:-$shown_size}, lr ${lr:-$dflt}, epochs ${epochs:-$dflt}, batch ${batch:-$dflt}, log $RUNS/logs/$model.log"
   sepochs=${SOURCE_EPOCHS:-${sepochs:-3}}
   jobs_for "$model" "$size" "$lr" "$N" "$attn" "$slr" "$sepochs" "$epochs" "$batch" >> "$LOGS/jobs.tsv.tmp"
   : > "$LOGS/$model.log"
+  k=$(( k + 1 ))
 done
 mv "$LOGS/jobs.tsv.tmp" "$LOGS/jobs.tsv"
 rm -rf "$LOGS/claims" "$LOGS/failed"   # the queue's state from an earlier call (finished jobs are skipped anyway)
