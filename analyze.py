@@ -33,6 +33,7 @@ from tqdm import tqdm
 import data
 import metrics
 import models
+import rundir
 
 METRICS = ["cka", "knn", "reinit", "l2", "attention", "convergence"]
 ORDER = ["convergence", "l2", "cka", "knn", "attention", "reinit"]  # the order they are written in
@@ -49,34 +50,15 @@ def progress(it, desc):
 
 
 # ----------------------------------------------------------------------------- inputs
-def read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{what} {path}: unreadable ({type(e).__name__}: {e})") from None
-
-
 def load_run(run, flag="--run"):
     """config.json (settings and num_classes) and summary.json (None if unfinished) of a run
-    directory, with one-line errors."""
-    path = os.path.join(run, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {run}: no config.json (expected a run directory written by train.py)")
-    doc = read_json(path, flag)
-    try:
-        cfg = dict(doc["config"], num_classes=int(doc["data"]["num_classes"]))
-        for k in ("model", "data", "img_size", "init", "n", "N", "seed"):
-            cfg[k]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{flag} {run}: config.json is not a train.py config (missing or bad {e})") from None
+    directory, read and checked by rundir, with one-line errors."""
+    r = rundir.load_run(run, flag)
+    cfg = dict(r["config"], num_classes=r["data"]["num_classes"])
     if cfg["model"] not in models.MODELS:
         raise ValueError(f"{flag} {run}: config.json names model {cfg['model']!r}, expected one of "
                          f"{', '.join(models.MODELS)}")
-    summary = None
-    if os.path.isfile(os.path.join(run, "summary.json")):
-        summary = read_json(os.path.join(run, "summary.json"), flag)
-    return cfg, summary
+    return cfg, r["summary"]
 
 
 def pick_device(flag):
@@ -216,7 +198,7 @@ def prepare(args):
     cfg, meta, src, summary, out, todo = (run_inputs if args.run else checkpoint_inputs)(args, todo)
     job = types.SimpleNamespace(device=device, models={}, summary=summary, out=out, meta=meta,
                                 run=args.run.rstrip("/") or "/" if args.run else None)
-    data.check_writable_dir(out, "--run" if args.run else "--out")
+    rundir.check_writable_dir(out, "--run" if args.run else "--out")
 
     # the data first: for checkpoints, its class count decides the head
     job.train_ds = job.test_ds = job.info = None
@@ -408,25 +390,12 @@ def reinit_scores(model, init_state, test_ds, info, args, device):
 
 
 # ----------------------------------------------------------------------------- output
-def nan_to_none(x):
-    """JSON has no NaN: undefined values (e.g. CKA of a constant layer) are written as null."""
-    if isinstance(x, dict):
-        return {k: nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [nan_to_none(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return nan_to_none(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def write(job, metric, layers, values, settings):
     os.makedirs(job.out, exist_ok=True)
-    doc = dict(job.meta, metric=metric, layers=layers, values=nan_to_none(values), settings=settings,
+    doc = dict(job.meta, metric=metric, layers=layers, values=values, settings=settings,
                facts=job.facts, created=time.strftime("%Y-%m-%d %H:%M:%S"))
     path = os.path.join(job.out, f"{metric}.json")
-    data.save_json(path, doc)
+    rundir.save_json(path, doc)
     return path
 
 

@@ -63,6 +63,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+import rundir
+
 DATASETS = ["aptos", "ddsm", "isic", "chexpert", "camelyon", "synthetic", "shapes", "lesions"]
 GENERATED_TASKS = ("synthetic", "shapes", "lesions")
 DEFAULT_IMG_SIZE = {"aptos": 224, "ddsm": 224, "isic": 224, "chexpert": 224, "camelyon": 224,
@@ -604,7 +606,7 @@ def _train_stats(table, rows, npy, r):
         pass
     mm, rows = np.load(npy, mmap_mode="r"), np.sort(rows)
     mean, std = _mean_std(mm[rows[k:k + 256]] for k in range(0, len(rows), 256))
-    save_json(path, {"mean": mean, "std": std, "train_images": len(rows)})
+    rundir.save_json(path, {"mean": mean, "std": std, "train_images": len(rows)})
     return mean, std
 
 
@@ -630,7 +632,7 @@ def _build_user(name, root, img_size, seed, cache_dir, cache, workers, metric, i
         _user_warnings(name, table, parts)                 # after the last possible error
         doc = {"dataset": name, "root": str(root), "seed": seed, "by": by, **parts}
         if saved is None and _read_split(name, split_file, table.ids, quiet=True) != parts:
-            save_json(split_file, doc)
+            rundir.save_json(split_file, doc)
     except BaseException:
         if fresh and cache_dir.is_dir() and not any(cache_dir.iterdir()):
             cache_dir.rmdir()                               # leave no empty cache folder behind
@@ -656,63 +658,6 @@ def make_split(ids, heldout, seed, groups=None):
     for i, k in zip(ids, keys):
         out[where[k]].append(i)
     return {s: sorted(v) for s, v in out.items()}
-
-
-def atomic_write(path, write):
-    """Write through a temp file and rename, so a killed process never leaves half a file.
-    write(tmp) writes the temp file; the one atomic-write helper of the toolkit."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def check_writable_dir(folder, flag):
-    """`flag folder` is, or can be created as, a folder this process can write: checked before
-    anything is written (train.py --out, analyze.py --run/--out)."""
-    path = os.path.abspath(folder)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {folder}: is a file, expected a folder")
-    parent = path
-    while not os.path.exists(parent):  # the nearest existing folder is where it will be created
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{flag} {folder}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {folder}: {parent} is not writable")
-
-
-def remove_stale_tmp(folder):
-    """Delete atomic_write's `*.tmp<pid>` files in folder whose writer process is gone (left by a
-    SIGKILL); temp files of live processes on this machine stay. Returns the removed paths."""
-    removed = []
-    for p in Path(folder).glob("*.tmp*"):
-        m = re.search(r"\.tmp(\d+)$", p.name)
-        if m and p.is_file() and not _pid_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-            removed.append(str(p))
-    return removed
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # someone else's process, or not a pid we can check: keep the file
-    return True
-
-
-def save_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-    atomic_write(path, write)
 
 
 def _read_split(name, path, ids, quiet=False):
@@ -746,7 +691,7 @@ def _load_or_make_split(name, table, seed, cache_dir):
         if not v:
             raise ValueError(f"{name}: {len(table.ids)} images are too few for a non-empty {s} split "
                              f"(held-out fraction {heldout})")
-    save_json(path, {"dataset": name, "seed": seed, "heldout": heldout,
+    rundir.save_json(path, {"dataset": name, "seed": seed, "heldout": heldout,
                               "by": "patient" if table.groups is not None else "image", **parts})
     return parts, path
 
@@ -843,7 +788,7 @@ def ensure_cache(name, table, r, cache_dir, workers=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    save_json(idx, {**key_src, "key": key, "shape": list(shape)})
+    rundir.save_json(idx, {**key_src, "key": key, "shape": list(shape)})
     for old in Path(cache_dir).glob(prefix + "*"):         # stale caches of this dataset and size
         if old not in (npy, idx) and ".tmp" not in old.name:
             try:
@@ -1122,7 +1067,7 @@ def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True,
             table = _READERS[name](root)
             cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
             cache_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_tmp(cache_dir)                      # a killed cache build's .npy.tmp<pid>
+            rundir.remove_stale_tmp(cache_dir)               # a killed cache build's .npy.tmp<pid>
             splits, split_file = _load_or_make_split(name, table, seed, cache_dir)
             info.update(cache_dir=str(cache_dir), split_file=split_file and str(split_file))
             r = resize_size(img_size)

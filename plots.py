@@ -42,7 +42,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-ANALYSES = ["cka", "knn", "reinit", "l2", "attention", "convergence"]
+import rundir  # noqa: E402
+
+ANALYSES = rundir.ANALYSES
 MODEL_ORDER = ["deit_t", "deit_s", "deit_s_5b", "deit_b", "swin_t", "resnet18", "resnet50", "resnet152", "inception_v3"]
 DATA_ORDER = ["aptos", "ddsm", "isic", "chexpert", "camelyon", "synthetic", "shapes"]
 PRETTY = {"deit_t": "DeiT-T", "deit_s": "DeiT-S", "deit_b": "DeiT-B", "deit_s_5b": "DeiT-S-5b", "swin_t": "Swin-T",
@@ -67,11 +69,6 @@ def model_color(model):
 
 
 # ----------------------------------------------------------------------------- reading runs
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def run_facts(analyses):
     """Model facts that analyze.py writes into every analysis file ("facts": feature_types,
     has_attention), so plots never tests a model's name; older files: derived from their content."""
@@ -83,30 +80,9 @@ def run_facts(analyses):
     return {"feature_types": types or ["all"], "has_attention": "attention" in analyses}
 
 
-def bad_file(path, what):
-    """A file plots.py cannot use: the one-line error that names it."""
-    return ValueError(f"{path}: {what}; fix or delete it (train.py / analyze.py rewrite it)")
-
-
-def check_analysis(a, doc):
-    """The containers plots.py reads from analysis/<a>.json (README schema); what is wrong, or None.
-    Numbers inside are not checked here: garbage there drops a figure with a note."""
-    if not isinstance(doc, dict):
-        return "not a JSON object"
-    values = doc.get("values")
-    if not isinstance(values, list if a == "l2" else dict):
-        return f"'values' is not a {'list' if a == 'l2' else 'dict'} as in the README schema"
-    layers = doc.get("layers", [])
-    if not isinstance(layers, list) or not all(isinstance(l, str) for l in layers):
-        return "'layers' is not a list of layer names"
-    settings = doc.get("settings", {})
-    if not isinstance(settings, dict):
-        return "'settings' is not a dict"
-    if any(settings.get(k) is not None and not isinstance(settings[k], int) for k in ("ref_n", "ref_N")):
-        return "'settings' ref_n / ref_N are not integers"
-    if a == "cka" and any(values.get(k) is not None and not isinstance(values[k], dict) for k in ("init", "ref")):
-        return "'values' init / ref are not dicts of matrices"
-    return None
+def bad_file(e):
+    """A run file plots.py cannot use: the one-line error that names it (rundir's check)."""
+    return ValueError(f"{e}; fix or delete it (train.py / analyze.py rewrite it)")
 
 
 def read_log(path, notes):
@@ -130,46 +106,38 @@ def read_log(path, notes):
 
 
 def load_run(path, notes):
-    """One run directory as a dict (config, data info, summary, analyses), or None to skip it."""
+    """One run directory as a dict (config, data info, summary, analyses), or None to skip it.
+    A config.json that is not a run's skips the folder with a note; a bad summary or analysis
+    file of a run is an error naming it (rundir checks every file)."""
     try:
-        doc = read_json(os.path.join(path, "config.json"))
-        cfg, info = doc["config"], doc.get("data", {})
-        _ = cfg["model"], cfg["data"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        notes.append(f"skipped {path}: unreadable config.json ({type(e).__name__}: {e})")
+        doc = rundir.read_config(path)
+    except (OSError, ValueError) as e:
+        notes.append(f"skipped {path}: {e}")
         return None
-    if not isinstance(info, dict) or not all(isinstance(cfg.get(k), int) or cfg.get(k) is None for k in ("n", "N")):
-        notes.append(f"skipped {path}: config.json is not a train.py run's (data / n / N)")
-        return None
-    if not os.path.isfile(os.path.join(path, "summary.json")):
+    cfg, info = doc["config"], doc["data"]
+    try:
+        summary = rundir.read_summary(path, info.get("metric"))
+    except ValueError as e:
+        raise bad_file(e) from None
+    if summary is None:
         notes.append(f"skipped {path}: no summary.json (run not finished)")
         return None
-    where = os.path.join(path, "summary.json")
-    try:
-        summary = read_json(where)
-    except (OSError, ValueError) as e:
-        raise bad_file(where, f"not readable JSON ({e})") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("test", {}), dict):
-        raise bad_file(where, "not a JSON object with a 'test' dict as train.py writes it")
     # folder/csv runs are shown (and grouped) under the folder's name
-    run = {"dir": path, "model": cfg["model"], "data": info.get("display_name") or cfg["data"], "init": cfg.get("init"),
-           "n": cfg.get("n"), "N": cfg.get("N"), "seed": cfg.get("seed"), "summary": summary,
-           "metric": info.get("metric") or summary.get("metric") or "metric", "analysis": {}, "missing": []}
+    run = {"dir": path, "model": cfg["model"], "data": info.get("display_name") or cfg["data"], "init": cfg["init"],
+           "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"], "summary": summary, "run_id": doc.get("run_id"),
+           "metric": info.get("metric") or summary.get("metric") or "metric", "analysis": {}, "missing": [],
+           "config": cfg, "info": info}
     if run["init"] == "ri":
         run["n"] = None
     for a in ANALYSES:
-        f = os.path.join(path, "analysis", f"{a}.json")
-        try:
-            doc = read_json(f)
-        except FileNotFoundError:
+        try:  # a file of another run (its run_id differs, e.g. left from before --overwrite) is absent
+            got = rundir.read_analysis(path, a, doc.get("run_id"))
+        except ValueError as e:
+            raise bad_file(e) from None
+        if got is None:
             run["missing"].append(a)
-            continue
-        except (OSError, ValueError) as e:
-            raise bad_file(f, f"not readable JSON ({e})") from None
-        wrong = check_analysis(a, doc)
-        if wrong:
-            raise bad_file(f, wrong)
-        run["analysis"][a] = doc
+        else:
+            run["analysis"][a] = got
     run["facts"] = run_facts(run["analysis"])
     if not run["facts"]["has_attention"]:  # attention distance applies to DeiT only
         run["missing"] = [m for m in run["missing"] if not m.startswith("attention")]
@@ -480,7 +448,7 @@ def cka_grid(panels, row_types, model, data, what, args, name, written, max_cols
 def ref_config(settings):
     """config of the --ref run named in a CKA analysis, if its folder is still there."""
     try:
-        return read_json(os.path.join(settings["ref"], "config.json"))["config"]
+        return rundir.read_config(settings["ref"])["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -921,7 +889,7 @@ def source_note(mruns):
         return f"weights: {w or 'none'}"
     src = os.path.dirname(w)
     try:
-        s = read_json(os.path.join(src, "summary.json"))
+        s = rundir.read_summary(src) or {}
         return (f"source pretraining `{src}`: {pretty(s.get('model', '?'))} on {pretty(s.get('data', '?'))}, "
                 f"test {pretty(s.get('metric', 'metric'))} {float((s.get('test') or {}).get(s.get('metric'), float('nan'))):.3f} "
                 f"after {s.get('iterations')} iterations")
@@ -1029,35 +997,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_out(out):
-    """--out is, or can become, a writable folder: checked before anything is read or written.
-    (data.check_writable_dir does this for train.py and analyze.py; plots.py does not import torch.)"""
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--out {out}: is a file, expected a folder for the figures")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {parent} is not writable")
-
-
-def remove_stale_tmp(folder):
-    """Temp files of a killed plots.py (`.<name>.tmp<pid>`, pid gone) in the output folder.
-    (data.remove_stale_tmp does this for runs and caches; plots.py does not import torch.)"""
-    for name in os.listdir(folder):
-        m = re.search(r"\.tmp(\d+)$", name)
-        if m and os.path.isfile(os.path.join(folder, name)):
-            try:
-                os.kill(int(m.group(1)), 0)
-            except ProcessLookupError:
-                os.remove(os.path.join(folder, name))
-            except (PermissionError, OverflowError, OSError):
-                pass  # another user's live process, or not a pid: keep it
-
-
 def draw(fn, what, have_data, written, notes, *fn_args):
     """Run one figure function; a figure dropped although its inputs exist gets a note, and an
     input the figure cannot use is a one-line error instead of a traceback."""
@@ -1074,7 +1013,7 @@ def draw(fn, what, have_data, written, notes, *fn_args):
 
 def plot_all(args):
     """Find the runs, draw every figure that has data; returns the files written."""
-    check_out(args.out)
+    rundir.check_writable_dir(args.out, "--out")
     if not os.path.isdir(args.runs):
         raise FileNotFoundError(f"--runs {args.runs}: no such folder (expected a folder of run directories)")
     args.formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
@@ -1096,11 +1035,8 @@ def plot_all(args):
         print(f"missing analyses ({len(runs)} runs; figures use the runs that have them):")
         for m, dirs in missing.items():
             print(f"  {m}: {len(dirs)} run(s)" + (": " + ", ".join(dirs) if len(dirs) <= 3 else ""))
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:  # e.g. a read-only or virtual file system that os.access cannot tell
-        raise ValueError(f"--out {args.out}: cannot create the folder ({e.strerror})") from None
-    remove_stale_tmp(args.out)
+    rundir.make_dir(args.out, "--out")
+    rundir.remove_stale_tmp(args.out)
     written, notes = [], []
     datasets = order([r["data"] for r in runs], DATA_ORDER)
     for data in datasets:

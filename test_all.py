@@ -33,6 +33,7 @@ import init
 import metrics
 import models
 import plots
+import rundir
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -2079,7 +2080,7 @@ def train_done(tmp_path_factory):
                                      + _TRAIN_TINY)
     assert rc == 0, stderr
     os.makedirs(os.path.join(out, "analysis"))
-    data.save_json(os.path.join(out, "analysis", "l2.json"), {"metric": "l2", "values": [1.0]})
+    rundir.save_json(os.path.join(out, "analysis", "l2.json"), {"metric": "l2", "values": [1.0]})
     sd = models.create_model("resnet18", num_classes=5, img_size=32).state_dict()
     nan = dict(sd, **{"layer1.0.conv1.weight": sd["layer1.0.conv1.weight"].clone().fill_(float("nan"))})
     torch.save(nan, base / "nan.pt")
@@ -2166,8 +2167,8 @@ def test_train_bad_out_and_device(train_done, tmp_path, monkeypatch, case):
         extra, message = ["--device", "cuda"], "CUDA is not available"
     else:  # a folder with somebody else's config.json and analyses
         os.makedirs(os.path.join(out, "analysis"))
-        data.save_json(os.path.join(out, "config.json"), {"lr": 1})
-        data.save_json(os.path.join(out, "analysis", "x.json"), {})
+        rundir.save_json(os.path.join(out, "config.json"), {"lr": 1})
+        rundir.save_json(os.path.join(out, "analysis", "x.json"), {})
         extra, message = ["--overwrite"], "not a train.py run"
     before = _train_tree(tmp_path)
     rc, stdout, stderr = _train_main(["--model", "resnet18", "--init", "ri", "--out", out] + _TRAIN_TINY + extra)
@@ -3025,19 +3026,21 @@ def test_plots_bad_input_one_line_exit_2(plots_done, tmp_path, monkeypatch, caps
     assert _train_tree(out) == before
 
 
-def test_plots_garbage_values_dropped_with_a_note(plots_done, tmp_path, capsys):
-    """Values of the right layout but not numbers: the figure is not drawn, and the console says so."""
+@pytest.mark.parametrize("garbage", ["x", "NaN", "Infinity"])
+def test_plots_garbage_values_refused_before_any_figure(plots_done, tmp_path, capsys, garbage):
+    """Values that are not finite numbers (text, NaN, Infinity tokens): one line naming the file,
+    exit 2, and no figure written (every file is checked before the first figure)."""
     runs, out = tmp_path / "runs", tmp_path / "figs"
     shutil.copytree(plots_done["runs"], runs)
     for run in os.listdir(runs):
         path = runs / run / "analysis" / "l2.json"
         doc = json.loads(path.read_text())
-        doc["values"] = ["x"] * len(doc["values"])
-        path.write_text(json.dumps(doc))
+        doc["values"] = ["GARBAGE"] * len(doc["values"])
+        path.write_text(json.dumps(doc).replace('"GARBAGE"', json.dumps(garbage) if garbage == "x" else garbage))
     rc, stdout, stderr = _plots_main(["--runs", str(runs), "--out", str(out), "--format", "png"], capsys)
-    assert rc == 0, stderr
-    assert "l2_resnet18_synthetic.png" not in os.listdir(out)
-    assert any("l2_resnet18_synthetic not drawn" in l for l in stdout.splitlines()), stdout
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "l2.json" in lines[0], stderr
+    assert not out.exists() or not os.listdir(out)
     assert "not drawn" not in plots_done["stdout"]  # the intact runs draw everything
 
 

@@ -10,6 +10,7 @@ Multi-GPU: `torchrun --nproc_per_node=K train.py ...` (DDP; only rank 0 writes f
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -29,14 +30,18 @@ from tqdm import tqdm
 import data
 import metrics
 import models
+import rundir
 from init import describe_init, random_init, wtst_init
-
-FORMAT = "wtst-run/1"
+from rundir import FORMAT, RUN_FILES
 
 
 # ----------------------------------------------------------------------------- files
 def save_checkpoint(path, obj):
-    data.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through rundir's atomic write: serialised in memory first, so its size is
+    known and a full disk is one error naming the file, never a half-written checkpoint."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    rundir.write_bytes(path, buf.getbuffer())
 
 
 # ----------------------------------------------------------------------------- data order
@@ -483,7 +488,7 @@ class Trainer:
                    "train_seconds": p["train_seconds"],
                    "images_per_second": p["images"] / p["train_seconds"] if p["train_seconds"] > 0 else None}
         if self.main:
-            data.save_json(os.path.join(self.out, "summary.json"), summary)
+            rundir.save_json(os.path.join(self.out, "summary.json"), summary)
         return summary
 
 
@@ -503,9 +508,6 @@ def setup_distributed(device_flag):
         if device.type == "cpu":  # share the cores instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return rank, world, device
-
-
-RUN_FILES = ("config.json", "init.pt", "best.pt", "last.pt", "log.jsonl", "summary.json")
 
 
 def existing_run(cfg, resume, overwrite):
@@ -577,7 +579,7 @@ def remove_leftovers(out):
     """Temp files of killed writers (`*.tmp<pid>`, pid gone) in the run and its analysis folder."""
     for folder in (out, os.path.join(out, "analysis")):
         if os.path.isdir(folder):
-            data.remove_stale_tmp(folder)
+            rundir.remove_stale_tmp(folder)
 
 
 def prepare_dir(out, state):
@@ -606,7 +608,7 @@ def main(argv=None):
         cfg = resolve_config(args, world)
         out = cfg["out"]
         started = time.time()
-        data.check_writable_dir(out, "--out")
+        rundir.check_writable_dir(out, "--out")
         state = existing_run(cfg, args.resume, args.overwrite)
         last = os.path.join(out, "last.pt")
         if state == "finished":
@@ -636,7 +638,7 @@ def main(argv=None):
             # init.pt before config.json: a config.json always comes with its init.pt
             save_checkpoint(os.path.join(out, "init.pt"), {"format": FORMAT, "model": model.state_dict(),
                                                            "config": cfg})
-            data.save_json(os.path.join(out, "config.json"),
+            rundir.save_json(os.path.join(out, "config.json"),
                            {"config": cfg, "data": {k: v for k, v in info.items() if k != "sizes"},
                             "sizes": [len(d) for d in splits], "init": init_lines, "versions": versions(),
                             "format": FORMAT})
