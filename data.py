@@ -148,15 +148,44 @@ def _resize(img, r):
     return img if img.size == (r, r) else TF.resize(img, [r, r], interpolation=T.InterpolationMode.BILINEAR)
 
 
+def to_8bit(img):
+    """An image of any mode Pillow opens as 8-bit 'L', 'RGB' or 'RGBA' values, the way a viewer
+    shows them: 16-bit grey (I;16*) scaled by 1/257; 32-bit integers ('I') kept when they fit
+    0..255, scaled by 1/257 when they fit 0..65535, else stretched from their own min..max;
+    floats ('F') scaled by 255 when in [0, 1], else stretched from their own min..max (a
+    constant image keeps its clipped value). Palette and bilevel images are expanded, CMYK,
+    YCbCr, LAB and HSV converted to RGB, alpha kept for the caller to drop. Non-finite float
+    pixels are refused: there is no way to show them."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"mode {img.mode} image with non-finite (NaN or infinite) pixel values")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+            a = a / 257
+        elif img.mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255
+        elif not (lo >= 0 and hi <= 255) and hi > lo:   # outside the 8-bit range: stretch
+            a = (a - lo) / (hi - lo) * 255
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+    if img.mode in ("L", "RGB", "RGBA"):
+        return img
+    alpha = img.mode in ("LA", "La", "PA", "RGBa") or "transparency" in img.info
+    try:
+        return img.convert("RGBA" if alpha else "RGB")
+    except ValueError:
+        raise ValueError(f"mode {img.mode} images cannot be converted to RGB (expected grey, RGB, "
+                         "palette, CMYK, 16-bit or float images)") from None
+
+
 def decode_image(path, mode, r):
-    """Decode one file fully (PIL .load() catches truncation), convert to `mode` ('L' or 'RGB')
-    and resize to (r, r). 16-bit grey is scaled to 8 bits (value / 257) instead of clipped."""
+    """Decode one file fully (PIL .load() catches truncation; a multi-frame file gives its first
+    frame), convert it to 8 bits as a viewer shows it (`to_8bit`), then to `mode` ('L' or
+    'RGB'; alpha is dropped) and resize to (r, r)."""
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                a = np.asarray(img).astype(np.int64)
-                img = Image.fromarray(((np.clip(a, 0, 65535) + 128) // 257).astype(np.uint8))
+            img = to_8bit(img)
             img = img.convert(mode) if img.mode != mode else img.copy()
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
@@ -415,10 +444,18 @@ def _warn(msg):
 
 
 def _image_files(folder):
-    """Image files under `folder` (recursive, sorted, hidden ones skipped) and the other files."""
+    """Image files under `folder` (recursive, sorted, hidden ones skipped) and the other files.
+    Links to folders are followed, but a link to the folder itself or one above it (a loop,
+    which would list the same images without end) is an error naming it."""
     images, other = [], []
     for here, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        real = os.path.realpath(here)
+        for d in dirs:
+            target = os.path.realpath(os.path.join(here, d))
+            if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
+                raise ValueError(f"folder: {Path(here) / d} links to {target}, a folder above it (a symlink "
+                                 "loop that would count its images again and again); remove the link")
         for f in sorted(files):
             if not f.startswith("."):
                 (images if Path(f).suffix.lower() in IMAGE_EXTS else other).append(Path(here) / f)
@@ -478,6 +515,12 @@ def _read_folder(root):
     return t
 
 
+def _one_spelling(path):
+    """A relative image path in one spelling ('./a//b.png' -> 'a/b.png'), so that one image
+    listed twice under two spellings is caught as a duplicate."""
+    return Path(os.path.normpath(path)).as_posix()
+
+
 def _read_user_csv(root):
     """root/labels.csv: image (path relative to root), label (class name or integer), optional
     patient (then the split is by patient). Integer labels are classes in numeric order."""
@@ -489,7 +532,7 @@ def _read_user_csv(root):
         for col in ["image", "label"] + (["patient"] if by_patient else []):
             if not (row[col] or "").strip():
                 raise ValueError(f"csv: {path} line {line} has no {col} (expected a value in every row)")
-        ids.append(row["image"].strip())
+        ids.append(_one_spelling(row["image"].strip()))
         raw.append(row["label"].strip())
         if by_patient:
             groups.append(row["patient"].strip())
@@ -600,10 +643,13 @@ def _train_stats(table, rows, npy, r):
         return _mean_std(np.asarray(decode_image(table.resolve(table.ids[k]), "RGB", r)) for k in rows)
     path = npy.with_name(f"{npy.stem}.mean_std_{key}.json")
     try:
-        saved = json.loads(path.read_text())
-        return tuple(saved["mean"]), tuple(saved["std"])
+        saved = rundir.read_json(path)
+        mean, std = tuple(saved["mean"]), tuple(saved["std"])
+        if len(mean) == len(std) == 3 and all(rundir.is_number(v) and 0 <= v <= 1 for v in mean) \
+                and all(rundir.is_number(v) and 0 < v <= 1 for v in std):
+            return mean, std
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        pass                                 # absent or not ours: computed again below
     mm, rows = np.load(npy, mmap_mode="r"), np.sort(rows)
     mean, std = _mean_std(mm[rows[k:k + 256]] for k in range(0, len(rows), 256))
     rundir.save_json(path, {"mean": mean, "std": std, "train_images": len(rows)})
@@ -618,10 +664,12 @@ def _build_user(name, root, img_size, seed, cache_dir, cache, workers, metric, i
     info.update(classes=table.classes, num_classes=len(table.classes), display_name=shown,
                 metric=check_metric(name, metric, len(table.classes), False, f"{name} {root}"))
     _user_split(name, table, seed)                        # too few images: fail before any write
+    _file_entries(name, table)                            # a missing image, one file twice: likewise
     fresh = not Path(cache_dir if cache_dir is not None else root / ".wtst_cache").exists()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        rundir.remove_stale_tmp(cache_dir)                 # a killed cache build's .npy.tmp<pid>
         split_file = cache_dir / f"split_{name}_seed{seed}.json"
         saved = None if table.splits is not None else _read_split(name, split_file, table.ids)
         parts, by = _user_split(name, table, seed, saved)
@@ -665,11 +713,12 @@ def _read_split(name, path, ids, quiet=False):
     if not path.is_file():
         return None
     try:
-        saved = json.loads(path.read_text())
+        saved = rundir.read_json(path)
         parts = {s: saved[s] for s in ("train", "val", "test")}
-        if sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(ids):
+        if all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in parts.values()) \
+                and sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(ids):
             return parts
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OSError):
         pass
     if not quiet:
         warnings.warn(f"{name}: split file {path} does not match the dataset's images; rewriting it")
@@ -714,14 +763,20 @@ def default_cache_dir(root):
 
 
 def _file_entries(name, table):
-    """[(id, size, mtime_ns)] for every image; a missing one is an error naming it."""
-    out = []
+    """[(id, size, mtime_ns)] for every image. A missing image is an error naming it; so is one
+    file reached under two ids (a symlink, a hard link, './a.png' beside 'a.png'): each image
+    must count once, in one split, with one label."""
+    out, seen = [], {}
     for i in table.ids:
         try:
             st = os.stat(table.resolve(i))
         except FileNotFoundError:
             raise FileNotFoundError(f"{name}: image {table.resolve(i)} listed in {table.source} "
                                     f"does not exist") from None
+        first = seen.setdefault((st.st_dev, st.st_ino), i)
+        if first != i:
+            raise ValueError(f"{name}: '{first}' and '{i}' in {table.source} are the same file (a link or "
+                             "another spelling of one path); each image must appear once")
         out.append((i, st.st_size, st.st_mtime_ns))
     return out
 
@@ -737,20 +792,23 @@ def _cache_worker(args):
 
 
 def _old_rows(cache_dir, prefix, shape, entries):
-    """Rows of a previous cache (same prefix and shape) whose file is unchanged: {new_row: (npy, old_row)}."""
+    """Rows of a previous cache (same prefix and shape) whose file is unchanged: {new_row: (npy, old_row)}.
+    An old index or array that does not check out (unreadable, other shape, row count) is ignored."""
     reuse = {}
     want = {e[0]: (k, tuple(e)) for k, e in enumerate(entries)}
     for idx_path in sorted(Path(cache_dir).glob(prefix + "*.json")):
+        npy = idx_path.with_suffix(".npy")
         try:
-            old = json.loads(idx_path.read_text())
-            npy = idx_path.with_suffix(".npy")
-            if tuple(old["shape"][1:]) != tuple(shape[1:]) or not npy.is_file():
+            files = rundir.read_json(idx_path)["files"]
+            rows = np.load(npy, mmap_mode="r").shape
+            if tuple(rows[1:]) != tuple(shape[1:]) or not isinstance(files, list) or len(files) != rows[0]:
                 continue
-        except (ValueError, KeyError):
+            files = [tuple(e) for e in files]
+        except (ValueError, KeyError, TypeError, OSError):
             continue
-        for old_row, e in enumerate(old["files"]):
-            k = want.get(e[0])
-            if k is not None and k[1] == tuple(e) and k[0] not in reuse:
+        for old_row, e in enumerate(files):
+            k = want.get(e[0]) if e else None
+            if k is not None and k[1] == e and k[0] not in reuse:
                 reuse[k[0]] = (npy, old_row)
     return reuse
 
@@ -767,14 +825,18 @@ def ensure_cache(name, table, r, cache_dir, workers=None):
     npy, idx = Path(cache_dir) / f"{prefix}{key[:16]}.npy", Path(cache_dir) / f"{prefix}{key[:16]}.json"
     if idx.is_file() and npy.is_file():
         try:
-            if json.loads(idx.read_text()).get("key") == key:
+            if rundir.read_json(idx).get("key") == key:
                 return npy
-        except ValueError:
-            pass
+        except (ValueError, OSError, AttributeError):
+            pass                                               # unreadable index: rebuild
     shape = (len(entries), r, r) if mode == "L" else (len(entries), r, r, 3)
     tmp = f"{npy}.tmp{os.getpid()}"
+    need = int(np.prod(shape)) + 4096
+    rundir.check_space(npy, need)
     try:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        with open(tmp, "r+b") as f:  # reserve every block now: a full disk is an error here, never
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))  # a SIGBUS in a worker later
         reuse = _old_rows(cache_dir, prefix, shape, entries)
         olds = {}
         for new_row, (old_npy, old_row) in reuse.items():
@@ -785,6 +847,10 @@ def ensure_cache(name, table, r, cache_dir, workers=None):
         todo = [k for k in range(len(entries)) if k not in reuse]
         _decode_rows(name, tmp, todo, [str(table.resolve(entries[k][0])) for k in todo], mode, r, workers)
         os.replace(tmp, npy)
+    except OSError as e:
+        if rundir.is_disk_full(e):
+            raise rundir.disk_full(npy, need) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -799,7 +865,10 @@ def ensure_cache(name, table, r, cache_dir, workers=None):
 
 
 def _decode_rows(name, tmp, rows, paths, mode, r, workers):
-    """Fill `rows` of the memmap file `tmp` from `paths`, in a process pool when worth it."""
+    """Fill `rows` of the memmap file `tmp` from `paths`, in a process pool when worth it. A worker
+    that dies (killed, out of memory) is an error naming the dataset, never a wait forever."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
     from tqdm import tqdm
     if not rows:
         return
@@ -811,10 +880,14 @@ def _decode_rows(name, tmp, rows, paths, mode, r, workers):
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
                 bar.update(_cache_worker(job))
-        else:
-            with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
-                for n in pool.imap_unordered(_cache_worker, jobs):
-                    bar.update(n)
+            return
+        try:
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context()) as pool:
+                for done in as_completed([pool.submit(_cache_worker, job) for job in jobs]):
+                    bar.update(done.result())
+        except BrokenProcessPool as e:
+            raise ValueError(f"{name}: a process building the image cache died ({e}); the cache was not "
+                             "written (run again; with little memory, pass fewer --workers)") from None
 
 
 # ----------------------------------------------------------------------------- camelyon

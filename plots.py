@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 import warnings
 
@@ -109,11 +108,19 @@ def load_run(path, notes):
     """One run directory as a dict (config, data info, summary, analyses), or None to skip it.
     A config.json that is not a run's skips the folder with a note; a bad summary or analysis
     file of a run is an error naming it (rundir checks every file)."""
+    cfg_path = os.path.join(path, rundir.CONFIG)
     try:
-        doc = rundir.read_config(path)
+        raw = rundir.read_json(cfg_path)
     except (OSError, ValueError) as e:
         notes.append(f"skipped {path}: {e}")
         return None
+    if not (isinstance(raw, dict) and raw.get("format") == rundir.FORMAT):
+        notes.append(f"skipped {path}: its config.json is not a train.py run's")
+        return None
+    try:  # a run's config.json with values out of range is an error, not a run to draw
+        doc = rundir.check_config(raw, cfg_path)
+    except ValueError as e:
+        raise bad_file(e) from None
     cfg, info = doc["config"], doc["data"]
     try:
         summary = rundir.read_summary(path, info.get("metric"))
@@ -323,26 +330,17 @@ def figure_legend(fig, axes):
 
 
 def save(fig, out, name, formats, written):
-    """Save through a temp file in the same folder, then rename (atomic)."""
+    """Save each format atomically (rundir.atomic_write: a full disk is one error naming the file)."""
     for fmt in formats:
         path = os.path.join(out, f"{name}.{fmt}")
-        tmp = os.path.join(out, f".{name}.{fmt}.tmp{os.getpid()}")
-        try:
-            fig.savefig(tmp, format=fmt, dpi=150)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        rundir.atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150))
         written.append(path)
     plt.close(fig)
 
 
 def save_text(out, name, text, written):
     path = os.path.join(out, name)
-    tmp = os.path.join(out, f".{name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    rundir.write_bytes(path, text.encode())
     written.append(path)
 
 

@@ -32,7 +32,6 @@ import shutil
 import socket
 import time
 import uuid
-from pathlib import Path
 
 FORMAT = "wtst-run/1"
 CONFIG, INIT, BEST, LAST, LOG, SUMMARY = "config.json", "init.pt", "best.pt", "last.pt", "log.jsonl", "summary.json"

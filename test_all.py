@@ -2,7 +2,9 @@
 Run: python -m pytest test_all.py -q (2 CPU cores, no GPU, no network)."""
 from pathlib import Path
 import argparse
+import contextlib
 import copy
+import errno
 import csv
 import functools
 import importlib
@@ -954,6 +956,109 @@ def test_data_bad_image_named(tmp_path, damage):
         ds[ds.ids.index("train_images/id003.png")]
 
 
+def _data_mode_cases(tmp_path):
+    """(file, what the toolkit must see as uint8 grey values) for images of every kind of mode."""
+    g = np.arange(48, dtype=np.float64).reshape(6, 8)
+    cases = []
+
+    def add(name, img, want, **kw):
+        img.save(tmp_path / name, **kw)
+        cases.append((tmp_path / name, np.asarray(want)))
+    f01 = (g / 47).astype(np.float32)                          # float in [0, 1]: x 255
+    add("f01.tif", Image.fromarray(f01), np.round(f01 * 255))
+    fwide = (g * 10 - 200).astype(np.float32)                  # float elsewhere: stretched
+    add("fwide.tif", Image.fromarray(fwide), np.round((fwide - fwide.min()) / np.ptp(fwide) * 255))
+    i8 = (g * 5).astype(np.int32)                              # 32-bit ints that fit 8 bits: kept
+    add("i8.tif", Image.fromarray(i8), i8)
+    ibig = (g * 100_000).astype(np.int32)                      # beyond 16 bits: stretched
+    add("ibig.tif", Image.fromarray(ibig), np.round(ibig / ibig.max() * 255))
+    i16 = (g * 1000).astype(np.uint16)                         # 16-bit PNG: / 257
+    add("i16.png", Image.fromarray(i16), np.round(i16 / 257))
+    la = np.dstack([g * 5, np.full_like(g, 7)]).astype(np.uint8)  # grey + alpha: alpha dropped
+    add("la.png", Image.fromarray(la, "LA"), g * 5)
+    bw = (g % 2 == 0)                                          # bilevel: 0 / 255
+    add("bw.bmp", Image.fromarray(bw), bw * 255)
+    return cases
+
+
+def test_data_image_modes_shown_as_a_viewer_does(tmp_path):
+    """Issue 23: float and 32-bit images were stored black (or saturated) without a word."""
+    for path, want in _data_mode_cases(tmp_path):
+        img = data.to_8bit(Image.open(path))
+        got = np.asarray(img.convert("L"))
+        assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1, path.name
+        assert got.max() > 0, f"{path.name} stored black"
+    cmyk = Image.fromarray(np.full((4, 4, 4), 60, np.uint8), "CMYK")
+    assert np.asarray(data.to_8bit(cmyk)).min() > 0                 # CMYK as RGB, not its raw channels
+    p = Image.new("P", (4, 4))
+    p.putpalette([200, 100, 50] * 256)
+    assert np.asarray(data.to_8bit(p).convert("RGB"))[0, 0].tolist() == [200, 100, 50]
+    nan = np.full((4, 4), np.nan, np.float32)
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="nan.tif.*non-finite"):
+        data.decode_image(tmp_path / "nan.tif", "RGB", 4)
+
+
+def _data_dying_worker(job):
+    os._exit(3)  # a cache worker killed (out of memory, SIGBUS on a full memory-mapped disk)
+
+
+def test_data_cache_worker_death_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    root = tmp_path / "aptos"
+    _data_aptos(root, n=40)
+    monkeypatch.setattr(data, "_cache_worker", _data_dying_worker)
+    with pytest.raises(ValueError, match="a process building the image cache died"):
+        data.build_datasets("aptos", root, img_size=16, workers=2)
+    assert not [p for p in (root / ".wtst_cache").iterdir() if ".tmp" in p.name or p.suffix == ".npy"]
+
+
+def test_data_cache_disk_full_names_path_and_space(tmp_path, monkeypatch):
+    root = tmp_path / "aptos"
+    _data_aptos(root, n=10)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(rundir.DiskFullError, match=r"\.npy: no space left on the device \(needs [0-9.]+ KB"):
+        data.build_datasets("aptos", root, img_size=16, workers=1)
+    assert not [p for p in (root / ".wtst_cache").iterdir() if ".tmp" in p.name or p.suffix == ".npy"]
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size):
+    """A tmpfs of `size` mounted at path (root only; the test skips otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_data_cache_on_a_full_tmpfs_fails_fast(tmp_path):
+    """Issue 23.1: a cache built on a disk that fills up hung until a 600 s timeout, twice, and
+    left an 11.8 MB .npy.tmp<pid> behind. Now: one line naming the file and the space, exit 2,
+    nothing left, the same on a second start."""
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        for k in range(30):
+            _user_img(root / c / f"{k:02d}.png", k, "rgb", size=(224, 224))
+    with _tmpfs(tmp_path / "small", "3m") as small:
+        for attempt in range(2):
+            p = _train_run(["--model", "resnet18", "--init", "ri", "--data", "folder", "--data-root", str(root),
+                            "--cache-dir", str(small), "--device", "cpu", "--out", str(tmp_path / "run")],
+                           tmp_path, check=False, timeout=120)
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode == 2 and len(lines) == 1 and "no space left" in lines[0], p.stderr
+            assert ".npy" in lines[0] and "needs" in lines[0]
+            assert not [f for f in os.listdir(small) if ".tmp" in f or f.endswith(".npy")], os.listdir(small)
+            assert not (tmp_path / "run").exists()
+
+
 def test_data_bad_hdf5(tmp_path):
     import h5py
     root = tmp_path / "pcam"
@@ -1264,12 +1369,26 @@ def _user_bad(tmp_path, case):
     if case == "roc_auc_three_classes":
         _user_folder(d, ["a", "b", "c"], 10)
         return ["--data", "folder", "--metric", "roc_auc"], "--metric roc_auc needs two classes"
+    if case == "symlink_loop":  # a/loop -> ../a listed 24 images as 7,576 before
+        _user_folder(d, ["a", "b"], 12)
+        os.symlink("../a", d / "a" / "loop")
+        return ["--data", "folder"], "a folder above it (a symlink loop"
+    if case == "same_file_two_classes":  # one image, two labels, through a file link
+        _user_folder(d, ["a", "b"], 12)
+        os.symlink(d / "a" / "00_rgb.png", d / "b" / "zz_link.png")
+        return ["--data", "folder"], "'a/00_rgb.png' and 'b/zz_link.png' in"
+    if case == "csv_two_spellings":  # './imgs/p00_0.png' beside 'imgs/p00_0.png' was two images
+        _user_csv(d)
+        with open(d / "labels.csv", "a") as f:
+            f.write("./imgs//p00_0.png,tumour,P099\n")
+        return ["--data", "csv"], "lists 'imgs/p00_0.png' twice"
     raise AssertionError(case)
 
 
 _USER_BAD = ["one_class", "class_without_image", "undecodable", "truncated_jpg", "csv_without_image",
              "csv_without_label", "csv_missing_images", "csv_one_class", "too_few_images", "too_few_patients",
-             "partial_presplit", "roc_auc_three_classes"]
+             "partial_presplit", "roc_auc_three_classes", "symlink_loop", "same_file_two_classes",
+             "csv_two_spellings"]
 
 
 @pytest.mark.parametrize("case", _USER_BAD)
@@ -1862,9 +1981,9 @@ def _train_env(tmp_path, threads=1):
     return env
 
 
-def _train_run(args, tmp_path, check=True, **kw):
+def _train_run(args, tmp_path, check=True, timeout=600, **kw):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
-                       env=_train_env(tmp_path), cwd=str(tmp_path), timeout=600, **kw)
+                       env=_train_env(tmp_path), cwd=str(tmp_path), timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -2990,6 +3109,16 @@ _PLOTS_BAD = [  # (case, file under the first run to replace and its content, te
     ("summary_list", "summary.json", [], "summary.json"),
     ("summary_test_list", "summary.json", {"test": []}, "summary.json"),
     ("summary_not_json", "summary.json", "[1,", "summary.json"),
+    # issue 23.7: every file read back is checked before the first figure
+    ("config_n_huge", "config.json", lambda d: dict(d, config=dict(d["config"], n=10**400)), "config.json"),
+    ("config_img_size_huge", "config.json", lambda d: dict(d, config=dict(d["config"], img_size=10**12)),
+     "config.json"),
+    ("summary_best_iteration_text", "summary.json", lambda d: dict(d, best_iteration="x"), "summary.json"),
+    ("l2_nan", "analysis/l2.json", lambda d: json.dumps(dict(d, values=[None] * len(d["layers"])))
+     .replace("null", "NaN"), "l2.json"),
+    ("cka_infinity", "analysis/cka.json", lambda d: json.dumps(d).replace("null", "Infinity", 1), "cka.json"),
+    ("knn_deep_nesting", "analysis/knn.json", "[" * 100_000 + "]" * 100_000, "knn.json"),
+    ("l2_three_million", "analysis/l2.json", lambda d: dict(d, values=[1e-6] * 3_000_000), "l2.json"),
     ("out_file", None, None, "is a file"),
     ("out_under_file", None, None, "is a file, not a folder"),
     ("out_unwritable", None, None, "not writable"),
@@ -3007,6 +3136,8 @@ def test_plots_bad_input_one_line_exit_2(plots_done, tmp_path, monkeypatch, caps
     first = sorted(os.listdir(runs))[0]
     if name:
         path = runs / first / name
+        if callable(content):  # a change of the file as written
+            content = content(json.loads(path.read_text()))
         path.write_text(content if isinstance(content, str) else json.dumps(content))
     target = out
     if case == "out_file":
