@@ -102,8 +102,9 @@ def load_model(name, num_classes, img_size, source, where, need_head):
 
 
 def facts(model):
-    """What plots.py needs to know about the model (it reads only JSON)."""
-    return {"feature_types": model.feature_types(), "has_attention": bool(model.attention_layers())}
+    """What plots.py and findings.py need to know about the model (they read only JSON)."""
+    return {"feature_types": model.feature_types(), "has_attention": bool(model.attention_layers()),
+            "token_mixing": model.token_mixing}
 
 
 def run_inputs(args, todo):
@@ -244,7 +245,8 @@ def loader(ds, args, device):
 def reducer(model, grams=False, pooled=False, attention=False, debiased=True):
     """A metrics.capture transform: each captured layer output becomes at once its centred
     Gram per feature type (float64), its pooled features per type (float32, CPU) and, for
-    attention layers, the summed attention distance per head; the activation is not kept."""
+    attention layers, per head the summed attention distance (CLS key dropped; renormalised
+    over the patch keys) and CLS share, stacked (3, heads); the activation is not kept."""
     attn_layers = set(model.attention_layers()) if attention else set()
 
     def reduce(name, out):
@@ -256,8 +258,10 @@ def reducer(model, grams=False, pooled=False, attention=False, debiased=True):
             r["pooled"] = {t: v.float().cpu() for t, v in model.pooled_views(name, out).items()}
         if name in attn_layers:
             module = model.get_submodule(name)
-            r["attn"] = metrics.attention_distance_sum(module.attn_probs, model.grid_size, model.patch_size,
-                                                       model.num_prefix_tokens)
+            a, grid, patch, p = module.attn_probs, model.grid_size, model.patch_size, model.num_prefix_tokens
+            r["attn"] = torch.stack([metrics.attention_distance_sum(a, grid, patch, p),
+                                     metrics.attention_distance_sum(a, grid, patch, p, renormalize=True),
+                                     metrics.attention_prefix_share_sum(a, p)])
             module.attn_probs = None  # free it now
         return r
     return reduce
@@ -272,7 +276,7 @@ def captured_layers(model, attention):
 def shared_pass(job, args):
     """One pass over the test split through every model of the job: CKA accumulators
     {(other, type, other's type): acc}, k-NN queries {type: [(n, d) float32 per layer]},
-    attention distance per block and head (mean over images), and the labels."""
+    attention (block, [dropped, renormalised, CLS share], head) (mean over images), and the labels."""
     todo, final = job.todo, job.models["final"]
     want = {"cka": "cka" in todo, "knn": "knn" in todo, "attention": "attention" in todo}
     layers = final.feature_layers()
@@ -484,13 +488,25 @@ def knn(job, args, shared):
 
 
 def attention(job, args, shared):
+    """Mean attention distance per block and head in two forms, and the CLS share: with the
+    CLS key dropped (the public code's form, 'per_block'), the distance shrinks as attention
+    moves onto CLS; renormalised over the patch keys it does not, so 'more local' and 'more
+    attention on CLS' are told apart (findings use the renormalised form)."""
     final = job.models["final"]
-    per_head = shared["attention"].cpu().numpy()
-    print(f"{label(job)}: mean attention distance per block (px)")
-    print_row("distance", per_head.mean(1).tolist(), "{:.1f}")
-    return write(job, "attention", final.attention_layers(), {"per_block": per_head.mean(1), "per_head": per_head}, {
+    dropped, renorm, cls_share = shared["attention"].cpu().numpy().transpose(1, 0, 2)  # each (block, head)
+    print(f"{label(job)}: mean attention distance per block (px), CLS key dropped / renormalised; CLS share")
+    print_row("dropped", dropped.mean(1).tolist(), "{:.1f}")
+    print_row("renormalised", renorm.mean(1).tolist(), "{:.1f}")
+    print_row("CLS share", cls_share.mean(1).tolist(), "{:.2f}")
+    values = {"per_block": dropped.mean(1), "per_head": dropped,
+              "per_block_renormalized": renorm.mean(1), "per_head_renormalized": renorm,
+              "cls_share_per_block": cls_share.mean(1), "cls_share_per_head": cls_share}
+    return write(job, "attention", final.attention_layers(), values, {
         "unit": "pixels", "patch_size": final.patch_size, "grid": list(final.grid_size),
-        "cls_share": "dropped, not renormalised", "test_images": len(job.test_ds)})
+        "per_block": "CLS key dropped, not renormalised",
+        "per_block_renormalized": "divided per query by its attention mass on patch keys",
+        "cls_share": "attention mass of patch queries on prefix (CLS) keys, mean over queries",
+        "test_images": len(job.test_ds)})
 
 
 def reinit(job, args, shared):

@@ -410,6 +410,18 @@ def attention_distance_sum(attn, grid, patch_size, num_prefix_tokens=1, renormal
     return d_q.mean(-1).sum(0)
 
 
+def attention_prefix_share_sum(attn, num_prefix_tokens=1):
+    """Per head, sum over images of the CLS share: the attention mass that patch queries put
+    on the prefix (CLS) keys, sum_{k in prefix} A_qk, averaged over patch queries; (heads,)
+    float64 tensor. It tells a smaller dropped-CLS distance ("more local") from more attention
+    on CLS: the renormalised distance is the dropped one divided by (1 - this share) per query."""
+    p = num_prefix_tokens
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] <= p:
+        raise ValueError(f"attention_prefix_share_sum: attn must be (B, heads, N, N) with N > {p}, "
+                         f"got {tuple(attn.shape)}")
+    return attn[:, :, p:, :p].double().sum(-1).mean(-1).sum(0)
+
+
 def mean_attention_distance(attn, grid, patch_size, num_prefix_tokens=1, renormalize=False):
     """Mean attention distance per head over queries and images, (heads,) float64 tensor;
     see `attention_distance_sum` for the definition."""

@@ -24,6 +24,9 @@ model's name (analyze.py has no model-specific code):
                                        #   record_attention(on), grid_size, patch_size,
                                        #   num_prefix_tokens (attention distance)
     model.prefers_channels_last        # True for CNNs: faster convolutions on CUDA
+    model.token_mixing                 # how positions exchange information: "attention" (DeiT,
+                                       #   Swin) or "convolution" (ResNet, Inception); train.py
+                                       #   writes it to config.json, findings group models by it
 
 Choices worth knowing:
 - DeiT at another image size: the 14x14 ``pos_embed`` grid of a 224 checkpoint is resampled
@@ -229,6 +232,7 @@ class VisionTransformer(nn.Module):
 
     # analysis protocol (see the module docstring)
     prefers_channels_last = False
+    token_mixing = "attention"
 
     def feature_types(self):
         return ["cls", "patches", "all"]
@@ -511,6 +515,7 @@ class SwinTransformer(nn.Module):
     # analysis protocol (see the module docstring); windowed attention has no attention
     # distance over the whole image, so no attention layers
     prefers_channels_last = False
+    token_mixing = "attention"  # within windows: no attention_layers(), but attention all the same
     feature_types, feature_views, attention_layers = _one_type, _whole_output, _no_attention
 
     def pooled_views(self, layer, out):
@@ -649,6 +654,7 @@ class ResNet(nn.Module):
 
     # analysis protocol (see the module docstring)
     prefers_channels_last = True
+    token_mixing = "convolution"
     feature_types, feature_views, attention_layers = _one_type, _whole_output, _no_attention
     pooled_views = _global_average_pool
 
@@ -847,6 +853,7 @@ class Inception3(nn.Module):
 
     # analysis protocol (see the module docstring)
     prefers_channels_last = True
+    token_mixing = "convolution"
     feature_types, feature_views, attention_layers = _one_type, _whole_output, _no_attention
     pooled_views = _global_average_pool
 

@@ -24,7 +24,7 @@ Files written to --out (one per format for figures), x = WT fraction n/N, 0 = ST
 | `curves_<model>_<data>.png` | training loss, validation metric and lr vs iteration of every run, one colour per WT fraction (from log.jsonl) |
 | `convergence_<data>.png` | iterations to the best validation metric vs WT fraction, and the speed-up over ST = mean ST iterations / iterations (Fig. 19) |
 | `table.md`, `table.csv` | test metric mean +- sample std over seeds, rows = (model, init), columns = datasets (Table 4: DeiT-S vs DeiT-S-5b) |
-| `findings.md`, `findings.json` | the paper's findings F1-F4, the numbers measured here (means, per seed) and "holds" / "does not hold" / "not measured" per dataset with ST and WT runs (also printed) |
+| `findings.md`, `findings.json` | the paper's findings F1-F4 tested over seeds (findings.py: Welch's t-test, effect, 95% interval, p, and supported / not resolved / contradicted / not measured) per dataset with ST and WT runs (also printed) |
 """
 import argparse
 import csv
@@ -41,24 +41,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+import findings  # noqa: E402
 import rundir  # noqa: E402
+from findings import (DATA_ORDER, MODEL_ORDER, SETTINGS, arr, by_key, by_n, init_label, n_key,  # noqa: E402
+                      nanmean, order, pretty, test_value)
 
-ANALYSES = rundir.ANALYSES
-MODEL_ORDER = ["deit_t", "deit_s", "deit_s_5b", "deit_b", "swin_t", "resnet18", "resnet50", "resnet152", "inception_v3"]
-DATA_ORDER = ["aptos", "ddsm", "isic", "chexpert", "camelyon", "synthetic", "shapes"]
-PRETTY = {"deit_t": "DeiT-T", "deit_s": "DeiT-S", "deit_b": "DeiT-B", "deit_s_5b": "DeiT-S-5b", "swin_t": "Swin-T",
-          "resnet18": "ResNet18", "resnet50": "ResNet50", "resnet152": "ResNet152", "inception_v3": "Inception-v3",
-          "aptos": "APTOS2019", "ddsm": "DDSM", "isic": "ISIC2019", "chexpert": "CheXpert", "camelyon": "PCam",
-          "quadratic_kappa": "quadratic kappa", "roc_auc": "ROC AUC", "macro_recall": "macro recall",
-          "mean_auc": "mean AUC"}
 TYPES = ["cls", "patches", "all"]
-# settings that should agree between the seeds averaged together (checked, not enforced)
-SETTINGS = ["img_size", "subset", "split_seed", "epochs", "lr", "batch_size", "weights", "weight_decay", "warmup"]
 MAX_TICKS = 26  # layer tick labels per axis before thinning
-
-
-def pretty(name):
-    return PRETTY.get(name, str(name))
 
 
 def model_color(model):
@@ -68,22 +57,6 @@ def model_color(model):
 
 
 # ----------------------------------------------------------------------------- reading runs
-def run_facts(analyses):
-    """Model facts that analyze.py writes into every analysis file ("facts": feature_types,
-    has_attention), so plots never tests a model's name; older files: derived from their content."""
-    for doc in analyses.values():
-        if isinstance(doc.get("facts"), dict):
-            return dict({"feature_types": ["all"], "has_attention": False}, **doc["facts"])
-    cka = analyses.get("cka", {}).get("values", {})
-    types = sorted({t for v in cka.values() if isinstance(v, dict) for t in v}) if isinstance(cka, dict) else []
-    return {"feature_types": types or ["all"], "has_attention": "attention" in analyses}
-
-
-def bad_file(e):
-    """A run file plots.py cannot use: the one-line error that names it (rundir's check)."""
-    return ValueError(f"{e}; fix or delete it (train.py / analyze.py rewrite it)")
-
-
 def read_log(path, notes):
     """log.jsonl as a list of records (lines that do not parse are skipped with a note)."""
     records, bad = [], 0
@@ -104,65 +77,12 @@ def read_log(path, notes):
     return records
 
 
-def load_run(path, notes):
-    """One run directory as a dict (config, data info, summary, analyses), or None to skip it.
-    A config.json that is not a run's skips the folder with a note; a bad summary or analysis
-    file of a run is an error naming it (rundir checks every file)."""
-    cfg_path = os.path.join(path, rundir.CONFIG)
-    try:
-        raw = rundir.read_json(cfg_path)
-    except (OSError, ValueError) as e:
-        notes.append(f"skipped {path}: {e}")
-        return None
-    if not (isinstance(raw, dict) and raw.get("format") == rundir.FORMAT):
-        notes.append(f"skipped {path}: its config.json is not a train.py run's")
-        return None
-    try:  # a run's config.json with values out of range is an error, not a run to draw
-        doc = rundir.check_config(raw, cfg_path)
-    except ValueError as e:
-        raise bad_file(e) from None
-    cfg, info = doc["config"], doc["data"]
-    try:
-        summary = rundir.read_summary(path, info.get("metric"))
-    except ValueError as e:
-        raise bad_file(e) from None
-    if summary is None:
-        notes.append(f"skipped {path}: no summary.json (run not finished)")
-        return None
-    # folder/csv runs are shown (and grouped) under the folder's name
-    run = {"dir": path, "model": cfg["model"], "data": info.get("display_name") or cfg["data"], "init": cfg["init"],
-           "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"], "summary": summary, "run_id": doc.get("run_id"),
-           "metric": info.get("metric") or summary.get("metric") or "metric", "analysis": {}, "missing": [],
-           "config": cfg, "info": info}
-    if run["init"] == "ri":
-        run["n"] = None
-    for a in ANALYSES:
-        try:  # a file of another run (its run_id differs, e.g. left from before --overwrite) is absent
-            got = rundir.read_analysis(path, a, doc.get("run_id"))
-        except ValueError as e:
-            raise bad_file(e) from None
-        if got is None:
-            run["missing"].append(a)
-        else:
-            run["analysis"][a] = got
-    run["facts"] = run_facts(run["analysis"])
-    if not run["facts"]["has_attention"]:  # attention distance applies to DeiT only
-        run["missing"] = [m for m in run["missing"] if not m.startswith("attention")]
-    run["settings"] = {k: cfg.get(k) for k in SETTINGS}
-    run["log"] = read_log(os.path.join(path, "log.jsonl"), notes)
-    return run
-
-
 def find_runs(root):
-    """All run directories under root (folders holding config.json), sorted; and the notes."""
-    notes, runs = [], []
-    for here, dirs, files in os.walk(root):
-        dirs.sort()
-        if "config.json" in files:
-            dirs[:] = []  # a run's own subfolders (analysis/) hold no runs
-            run = load_run(here, notes)
-            if run is not None:
-                runs.append(run)
+    """findings.find_runs (the one reader of run directories), with each run's training log
+    (log.jsonl) for the curves; and the notes."""
+    runs, notes = findings.find_runs(root)
+    for r in runs:
+        r["log"] = read_log(os.path.join(r["dir"], "log.jsonl"), notes)
     return runs, notes
 
 
@@ -181,45 +101,8 @@ def check_groups(runs):
     return notes
 
 
-def order(values, reference):
-    """Sort names by a reference order, unknown names after, alphabetically."""
-    return sorted(set(values), key=lambda v: (reference.index(v) if v in reference else len(reference), str(v)))
-
-
-def by_key(runs, *keys):
-    groups = {}
-    for r in runs:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return groups
-
-
-def n_key(n):
-    """Sort inits: ST (n=0) ... WT (n=N), RI (None) last."""
-    return (n is None, -1 if n is None else n)
-
-
-def by_n(runs):
-    groups = by_key(runs, "n")
-    return [(n, groups[(n,)]) for n in sorted((k[0] for k in groups), key=n_key)]
-
-
-def init_label(n, N):
-    if n is None:
-        return "RI"
-    tag = "ST" if n == 0 else "WT" if n == N else "WT-ST"
-    return f"{tag} n={n}/{N}"
-
-
 def n_color(n, N):
     return "0.25" if n is None else plt.cm.viridis(0.9 * (n / N if N else 0))
-
-
-def arr(x):
-    """JSON numbers (null = undefined) as a float array with NaN."""
-    try:
-        return np.array(x, dtype=float)
-    except (TypeError, ValueError):
-        return np.array(float("nan"))
 
 
 def stack(vectors):
@@ -243,11 +126,6 @@ def nanstats(Y, spread):
         return mean, np.nanmin(Y, 0), np.nanmax(Y, 0)
 
 
-def nanmean(v):
-    v = np.asarray(v, dtype=float)
-    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
-
-
 def fraction_sweep(groups, N, value):
     """A quantity vs WT fraction: x = n/N per n group (RI left out), Y = [seed, point] with
     value(item), NaN-padded where a setting has fewer seeds; and the RI values."""
@@ -263,11 +141,6 @@ def best_layer(doc, t):
     """Max over layers of a k-NN analysis' values for feature type t (NaN if none)."""
     v = arr(doc["values"].get(t, []))
     return float(np.nanmax(v)) if v.ndim == 1 and np.isfinite(v).any() else float("nan")
-
-
-def test_value(run):
-    v = (run["summary"].get("test") or {}).get(run["metric"])
-    return float(v) if isinstance(v, (int, float)) else float("nan")
 
 
 # ----------------------------------------------------------------------------- drawing helpers
@@ -639,20 +512,23 @@ def plot_l2(runs, model, data, args, written):
 
 
 def plot_attention(runs, model, data, args, written):
-    """Figure 18: mean attention distance per block (DeiT), one line per n."""
+    """Figure 18: mean attention distance per block (DeiT), one line per n: renormalised over
+    the patch keys where every file has it (what findings use), else with the CLS key dropped."""
     groups = analysis_groups(runs, "attention")
     if not groups:
         return
     N = runs[0]["N"]
     layers = groups[0][1][0].get("layers", [])
+    renorm = all("per_block_renormalized" in d["values"] for _, docs in groups for d in docs)
+    key = "per_block_renormalized" if renorm else "per_block"
     fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
-    if not layer_lines(ax, groups, N, lambda d: d["values"].get("per_block", []), args):
+    if not layer_lines(ax, groups, N, lambda d: d["values"].get(key, []), args):
         plt.close(fig)
         return
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels([short(l).replace(".attn", "") for l in layers], fontsize=7)
     ax.set_xlabel("block")
-    ax.set_ylabel("mean attention distance (px)")
+    ax.set_ylabel("mean attention distance (px, " + ("renormalised over patch keys)" if renorm else "CLS key dropped)"))
     ax.set_title(f"{pretty(model)} on {pretty(data)}: mean attended distance ({spread_note(args.spread)})",
                  fontsize=9)
     side_legend(ax)
@@ -788,198 +664,6 @@ def write_table(runs, args, written):
     save_text(args.out, "table.csv", buf.getvalue(), written)
 
 
-# ----------------------------------------------------------------------------- findings
-CLAIMS = {
-    "F1": "the fine-tuned test metric rises with the WT fraction: every WT seed beats every ST seed, "
-          "WT-ST-n/m lies in between on average, and WT beats RI (Fig. 2, 7, 8)",
-    "F2": "WT reaches its best validation metric in fewer iterations than ST (Fig. 19)",
-    "F3": "feature reuse: CKA between the initial and the fine-tuned model, over the first third of "
-          "the layers, is higher under WT than under ST (Fig. 9-10)",
-    "F4": "in a ViT's first third of blocks ST attention is more global (larger mean distance) than WT "
-          "(Fig. 18), and the gain of WT over ST is larger for the ViT than for the CNN",
-}
-
-
-def seed_values(runs, value, fmt="{:.3f}"):
-    """'mean m (per seed: s0 a, s1 b)' and the finite values, seeds in order."""
-    runs = sorted(runs, key=lambda r: str(r["seed"]))
-    v = [value(r) for r in runs]
-    ok = [x for x in v if math.isfinite(x)]
-    text = ("mean " + fmt.format(np.mean(ok)) if ok else "no value") + " (per seed: " + \
-        ", ".join(f"s{r['seed']} " + fmt.format(x) for r, x in zip(runs, v)) + ")"
-    return ok, text
-
-
-def first_third(v):
-    """Mean of the first ceil(len/3) finite-or-NaN entries (NaN when empty)."""
-    v = arr(v)
-    return nanmean(v[: math.ceil(len(v) / 3)]) if v.ndim == 1 and len(v) else float("nan")
-
-
-def early_cka(run):
-    """Mean CKA(fine-tuned layer i, initial layer i) over the first third of the layers."""
-    doc = run["analysis"].get("cka")
-    mats = doc["values"].get("init") if doc else None
-    if not isinstance(mats, dict) or not mats:
-        return float("nan")
-    m = arr(mats.get("all", next(iter(mats.values()))))
-    return first_third(np.diagonal(m)) if m.ndim == 2 else float("nan")
-
-
-def early_attention(run):
-    """Mean attention distance (px) over the first third of the blocks."""
-    doc = run["analysis"].get("attention")
-    return first_third(doc["values"].get("per_block", [])) if doc else float("nan")
-
-
-def verdict(ok):
-    return "holds" if ok else "does not hold"
-
-
-def model_findings(mruns):
-    """Per-model checks of F1-F3 and the numbers behind them: {finding: (ok or None, [lines])}."""
-    N = mruns[0]["N"]
-    groups = dict(by_n(mruns))
-    st, wt, ri = groups.get(0, []), groups.get(N, []), groups.get(None, [])
-    mid = [(n, g) for n, g in groups.items() if n is not None and 0 < n < N]
-    out = {}
-    if not st or not wt:
-        why = "needs ST (n=0) and WT (n=N) runs"
-        return {f: (None, [why]) for f in ("F1", "F2", "F3")}
-    metric = pretty(mruns[0]["metric"])
-    v_st, t_st = seed_values(st, test_value)
-    v_wt, t_wt = seed_values(wt, test_value)
-    lines = [f"test {metric}: WT {t_wt}; ST {t_st}"]
-    ok = bool(v_st and v_wt) and min(v_wt) > max(v_st)
-    lines.append(f"every WT seed > every ST seed: {'yes' if ok else 'no'}")
-    for n, g in sorted(mid, key=lambda kv: kv[0]):
-        v, t = seed_values(g, test_value)
-        between = bool(v) and bool(v_st) and bool(v_wt) and np.mean(v_st) < np.mean(v) < np.mean(v_wt)
-        ok &= between
-        lines.append(f"{init_label(n, N)}: {t}; between ST and WT on average: {'yes' if between else 'no'}")
-    if ri:
-        v_ri, t_ri = seed_values(ri, test_value)
-        beats = bool(v_ri) and bool(v_wt) and np.mean(v_wt) > np.mean(v_ri)
-        ok &= beats
-        lines.append(f"RI: {t_ri}; WT mean > RI mean: {'yes' if beats else 'no'}")
-    else:
-        ok = False
-        lines.append("no RI runs: WT vs RI not measured")
-    out["F1"] = (ok, lines)
-    c_st, ct_st = seed_values(st, convergence_value, "{:.0f}")
-    c_wt, ct_wt = seed_values(wt, convergence_value, "{:.0f}")
-    its = lambda g: ", ".join(str(r["summary"].get("iterations")) for r in sorted(g, key=lambda r: str(r["seed"])))
-    out["F2"] = (bool(c_st and c_wt) and np.mean(c_wt) < np.mean(c_st),
-                 [f"iterations to the best validation {metric}: WT {ct_wt}; ST {ct_st}",
-                  f"iterations run: WT {its(wt)}; ST {its(st)}"])
-    k_st, kt_st = seed_values(st, early_cka)
-    k_wt, kt_wt = seed_values(wt, early_cka)
-    out["F3"] = (bool(k_st and k_wt) and np.mean(k_wt) > np.mean(k_st) if k_st and k_wt else None,
-                 [f"CKA(initial, fine-tuned), same layer, first third of the layers: WT {kt_wt}; ST {kt_st}"]
-                 if k_st and k_wt else ["needs analysis/cka.json of the WT and ST runs"])
-    return out
-
-
-def source_note(mruns):
-    """Where the WT weights came from: the source run's task and test metric, if it is a run directory."""
-    w = mruns[0]["settings"].get("weights")
-    if not w or w == "imagenet":
-        return f"weights: {w or 'none'}"
-    src = os.path.dirname(w)
-    try:
-        s = rundir.read_summary(src) or {}
-        return (f"source pretraining `{src}`: {pretty(s.get('model', '?'))} on {pretty(s.get('data', '?'))}, "
-                f"test {pretty(s.get('metric', 'metric'))} {float((s.get('test') or {}).get(s.get('metric'), float('nan'))):.3f} "
-                f"after {s.get('iterations')} iterations")
-    except (OSError, ValueError, TypeError):
-        return f"weights: `{w}` (no readable summary.json beside it)"
-
-
-def findings_for(druns, data):
-    """{finding: (ok or None, [lines])} for one dataset, over all its models."""
-    per_model = {m: model_findings([r for r in druns if r["model"] == m])
-                 for m in order([r["model"] for r in druns], MODEL_ORDER)}
-    res = {}
-    for f in ("F1", "F2", "F3"):
-        lines, oks = [], []
-        for m, fm in per_model.items():
-            ok, ls = fm[f]
-            oks.append(ok)
-            tag = "not measured" if ok is None else verdict(ok)
-            lines += [f"{pretty(m)} ({tag}): " + ls[0]] + [f"  {l}" for l in ls[1:]]
-        measured = [o for o in oks if o is not None]
-        res[f] = (all(measured) if measured else None, lines)
-    # F4: ViTs are the models with attention analyses; CNNs the others
-    vits = [m for m in per_model if any(r["facts"]["has_attention"] for r in druns if r["model"] == m)]
-    cnns = [m for m in per_model if m not in vits]
-    lines, ok = [], True
-    gains = {}
-    for m in per_model:
-        mr = [r for r in druns if r["model"] == m]
-        g = dict(by_n(mr))
-        st, wt = g.get(0, []), g.get(mr[0]["N"], [])
-        v_st, v_wt = [v for v in map(test_value, st) if math.isfinite(v)], [v for v in map(test_value, wt) if math.isfinite(v)]
-        if v_st and v_wt:
-            gains[m] = float(np.mean(v_wt) - np.mean(v_st))
-        if m in vits:
-            a_st, at_st = seed_values(st, early_attention, "{:.2f}")
-            a_wt, at_wt = seed_values(wt, early_attention, "{:.2f}")
-            more = bool(a_st and a_wt) and np.mean(a_st) > np.mean(a_wt)
-            ok &= more
-            lines.append(f"{pretty(m)}: mean attention distance (px), first third of the blocks: ST {at_st}; "
-                         f"WT {at_wt}; ST more global: {'yes' if more else 'no'}")
-    if not vits or not cnns or not all(m in gains for m in vits + cnns):
-        res["F4"] = (None, lines + ["needs WT and ST runs of a ViT (DeiT) and of a CNN"])
-    else:
-        larger = min(gains[m] for m in vits) > max(gains[m] for m in cnns)
-        ok &= larger
-        lines.append("gain WT - ST in mean test metric: " + ", ".join(f"{pretty(m)} {gains[m]:+.4f}" for m in vits + cnns)
-                     + f"; larger for the ViT: {'yes' if larger else 'no'}")
-        res["F4"] = (ok, lines)
-    return res
-
-
-MIN_SEEDS = 3  # fewer seeds per initialisation: findings.md warns that its verdicts mean little
-
-
-def write_findings(runs, args, written):
-    """findings.md (and .json): each finding's claim, the numbers measured here, and whether it
-    holds, for every dataset with both ST and WT runs. Returns the markdown."""
-    md = ["# Findings", "", "Computed by plots.py from the run directories' summary.json and analysis/*.json. "
-          "A finding holds only if the numbers show it for every model measured; one that cannot be "
-          "computed from these runs is 'not measured'.", ""]
-    doc = {}
-    for data in order([r["data"] for r in runs], DATA_ORDER):
-        druns = [r for r in runs if r["data"] == data]
-        if not any(r["n"] == 0 for r in druns):
-            continue  # no ST runs: e.g. a source pretraining, not a WT-ST sweep
-        res = findings_for(druns, data)
-        doc[data] = {f: {"claim": CLAIMS[f], "verdict": "not measured" if ok is None else verdict(ok),
-                         "numbers": lines} for f, (ok, lines) in res.items()}
-        md += [f"## {pretty(data)}", ""]
-        md += [f"- {source_note([r for r in druns if r['model'] == m])} (for {pretty(m)})"
-               for m in order([r["model"] for r in druns], MODEL_ORDER)]
-        runs_per = {}  # WT and ST runs per model: the seeds behind each verdict
-        for r in druns:
-            if r["n"] in (0, r["N"]):
-                runs_per[(r["model"], r["n"])] = runs_per.get((r["model"], r["n"]), 0) + 1
-        seeds = min(runs_per.values())
-        if seeds < MIN_SEEDS:  # a verdict on one or two seeds is an anecdote, not a finding
-            md += ["", f"**Warning: only {seeds} seed(s) per initialisation: too few for these verdicts "
-                       f"to mean anything (use at least {MIN_SEEDS}).**"]
-        md += ["", "| finding | paper's claim | here |", "|---|---|---|"]
-        md += [f"| {f} | {CLAIMS[f]} | **{doc[data][f]['verdict']}** |" for f in res]
-        md.append("")
-        for f, (ok, lines) in res.items():
-            md += [f"### {f}: {doc[data][f]['verdict']}", "", f"Paper: {CLAIMS[f]}.", "", "```"] + lines + ["```", ""]
-    if not doc:
-        md.append("No dataset has both ST (n=0) and WT runs: nothing to compare.")
-    text = "\n".join(md) + "\n"
-    save_text(args.out, "findings.md", text, written)
-    save_text(args.out, "findings.json", json.dumps(doc, indent=1) + "\n", written)
-    return text
-
-
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -1056,7 +740,7 @@ def plot_all(args):
     write_table(runs, args, written)
     for note in notes:
         print(note)
-    print(write_findings(runs, args, written))
+    print(findings.write_findings(runs, args.out, written))
     return written
 
 

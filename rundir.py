@@ -376,7 +376,7 @@ def _need(ok, where, what):
 
 def check_config(doc, path):
     """config.json as train.py writes it: {"format", "run_id", "config": {...}, "data": {...},
-    "sizes", "init", "versions"}; returns doc. Types and ranges of every field the tools use."""
+    "sizes", "init", "versions", "facts"}; returns doc. Types and ranges of every field the tools use."""
     where = str(path)
     _need(isinstance(doc, dict) and doc.get("format") == FORMAT and isinstance(doc.get("config"), dict)
           and isinstance(doc.get("data"), dict), where, f"not a train.py run's config (expected format {FORMAT!r} "
@@ -407,6 +407,9 @@ def check_config(doc, path):
           "data.classes is not a list")
     _need(d.get("display_name") is None or isinstance(d["display_name"], str), where, "data.display_name is not text")
     _need(d.get("identity") is None or isinstance(d["identity"], str), where, "data.identity is not text")
+    facts = doc.get("facts", {})  # the model's facts (models.py), e.g. token_mixing; absent in older runs
+    _need(isinstance(facts, dict) and all(isinstance(v, str) for v in facts.values()), where,
+          "facts is not an object of text values")
     return doc
 
 

@@ -250,6 +250,15 @@ def test_models_attention_recording(name):
     assert all(p is None for p in m.attention_probs())
 
 
+def test_models_token_mixing_fact():
+    """Each model states how it mixes positions (train.py writes it to config.json; findings.py
+    groups models by it for F4): attention for DeiT and Swin, convolution for ResNet and Inception."""
+    assert models.VisionTransformer.token_mixing == models.SwinTransformer.token_mixing == "attention"
+    assert models.ResNet.token_mixing == models.Inception3.token_mixing == "convolution"
+    assert models.create_model("deit_t", img_size=32).token_mixing == "attention"
+    assert models.create_model("resnet18", img_size=32).token_mixing == "convolution"
+
+
 def test_models_deit_record_matches_timm_exactly():
     ours, ref = _models_pair("deit_s", img_size=64)
     ours.record_attention(True)
@@ -1856,6 +1865,34 @@ def test_metrics_attention_distance_scales_with_patch_size_and_streams():
         metrics.mean_attention_distance(a, (4, 5), 8)
 
 
+def test_metrics_attention_cls_share_and_both_forms_on_a_3x3_grid():
+    """Issue 18: at 48 px DeiT has a 3x3 patch grid. Uniform attention over all 10 tokens gives
+    20.93 px with the CLS key dropped, 23.25 px renormalised (= uniform over the 9 patches), and a
+    CLS share of 1/10; attention moved onto CLS shrinks the dropped form only."""
+    grid, n = (3, 3), 10
+    ref = _metrics_grid_mean_distance(3, 3, 16)
+    assert ref == pytest.approx(23.25, abs=0.01)
+    uniform = torch.full((2, 3, n, n), 1 / n, dtype=torch.float64)
+    assert metrics.mean_attention_distance(uniform, grid, 16).numpy() == pytest.approx([ref * 9 / 10] * 3, rel=1e-6)
+    assert ref * 9 / 10 == pytest.approx(20.93, abs=0.01)
+    assert metrics.mean_attention_distance(uniform, grid, 16, renormalize=True).numpy() == pytest.approx([ref] * 3,
+                                                                                                          rel=1e-6)
+    share = metrics.attention_prefix_share_sum(uniform) / 2
+    assert share.dtype == torch.float64 and share.numpy() == pytest.approx([0.1] * 3, rel=1e-12)
+    on_cls = uniform.clone()
+    on_cls[..., 0], on_cls[..., 1:] = 0.5, 0.5 / 9  # half of every query's mass on CLS
+    assert (metrics.attention_prefix_share_sum(on_cls) / 2).numpy() == pytest.approx([0.5] * 3)
+    assert metrics.mean_attention_distance(on_cls, grid, 16).numpy() == pytest.approx([ref / 2] * 3, rel=1e-6)
+    assert metrics.mean_attention_distance(on_cls, grid, 16, renormalize=True).numpy() == pytest.approx([ref] * 3,
+                                                                                                         rel=1e-6)
+    g = torch.Generator().manual_seed(0)  # random attention: against a plain float64 loop
+    a = torch.softmax(torch.randn(2, 2, n, n, generator=g, dtype=torch.float64), -1)
+    want = [np.mean([a[b, h, q, 0].item() for b in range(2) for q in range(1, n)]) * 2 for h in range(2)]
+    assert metrics.attention_prefix_share_sum(a).numpy() == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError):
+        metrics.attention_prefix_share_sum(a[0])
+
+
 # ----------------------------------------------------------------------------- l2 distance
 
 
@@ -2322,7 +2359,13 @@ def test_train_console_and_finished_files(train_done):
     assert json.load(open(os.path.join(train_done["out"], "summary.json")))["stop_reason"] == "reached --epochs 1"
 
 
-@pytest.mark.parametrize("tool, least", [("train", 25), ("plots", 4)])
+def test_train_writes_model_facts(train_done):
+    """config.json records the model's facts from models.py (findings.py groups models by them)."""
+    doc = rundir.read_config(train_done["out"])
+    assert doc["facts"] == {"token_mixing": "convolution"}
+
+
+@pytest.mark.parametrize("tool, least", [("train", 25), ("plots", 4), ("findings", 2)])
 def test_cli_help_every_flag_once(capsys, tool, least):
     """Every flag has help text and its default at most once (never 'default: None')."""
     with pytest.raises(SystemExit):
@@ -2509,6 +2552,35 @@ def test_analyze_all_metrics_and_cka_reference(analyze_runs):
         assert cka["init"]["cls"][r][c] == pytest.approx(metrics.cka(fa[:, :1], fb[:, :1], debiased=True), abs=1e-6)
         assert cka["init"]["patches"][r][c] == pytest.approx(metrics.cka(fa[:, 1:], fb[:, 1:], debiased=True),
                                                              abs=1e-6)
+
+
+def test_analyze_attention_keeps_both_forms_and_cls_share(analyze_runs, tmp_path):
+    """Issue 18: the attention analysis writes per block and head the distance with the CLS key
+    dropped, the distance renormalised over patch keys and the CLS share, from one pass; each
+    equals metrics' functions on the recorded attention of best.pt over the whole test split."""
+    run = _analyze_copy_run(analyze_runs[1], tmp_path / "run")
+    assert analyze.main(["--run", run, "--metric", "attention", "--batch-size", "7", "--device", "cpu"]) == 0
+    doc = json.load(open(os.path.join(run, "analysis", "attention.json")))
+    v = doc["values"]
+    assert doc["facts"]["token_mixing"] == "attention"
+    cfg, _ = analyze.load_run(run)
+    _, _, test_ds, _ = data.load_splits(cfg)
+    x = torch.stack([test_ds[i][0] for i in range(len(test_ds))])
+    m = _analyze_load(run, "best")
+    m.record_attention(True)
+    with torch.no_grad():
+        m(x)
+    for i, a in enumerate(m.attention_probs()):
+        want = {"per_head": metrics.mean_attention_distance(a, m.grid_size, m.patch_size),
+                "per_head_renormalized": metrics.mean_attention_distance(a, m.grid_size, m.patch_size,
+                                                                         renormalize=True),
+                "cls_share_per_head": metrics.attention_prefix_share_sum(a) / len(x)}
+        for key, w in want.items():
+            assert v[key][i] == pytest.approx(w.numpy().tolist(), rel=1e-5), (key, i)
+            block = key.replace("per_head", "per_block")
+            assert v[block][i] == pytest.approx(float(w.mean()), rel=1e-5), (block, i)
+    # the forms differ by the CLS share: renormalised >= dropped, per block
+    assert all(r >= d for r, d in zip(v["per_block_renormalized"], v["per_block"], strict=True))
 
 
 def test_analyze_reinit_prefix_reuse_equals_full_evaluation(analyze_runs):
@@ -2700,7 +2772,8 @@ def test_analyze_timm_checkpoints(tmp_path):
     assert len(doc["layers"]) == 25 and doc["model"] == "deit_t" and doc["weights"] == os.path.abspath(ft)
     for key in ("init", "ref"):
         assert np.asarray(doc["values"][key]["all"], dtype=float).shape == (25, 25)
-    assert doc["facts"] == {"feature_types": ["cls", "patches", "all"], "has_attention": True}
+    assert doc["facts"] == {"feature_types": ["cls", "patches", "all"], "has_attention": True,
+                            "token_mixing": "attention"}
     # the re-init baseline scores the timm model's own head: it equals timm's own test metric
     assert analyze.main(a + ["--metric", "reinit"]) == 0
     doc = json.load(open(os.path.join(out, "analysis", "reinit.json")))
@@ -2852,8 +2925,11 @@ _PLOTS_LAYERS = {
                  "layer4.1"],
     "deit_s": ["patch_embed.proj"] + [f"blocks.{i}.{m}" for i in range(12) for m in ("attn", "mlp")],
     "deit_s_5b": ["patch_embed.proj"] + [f"blocks.{i}.{m}" for i in range(5) for m in ("attn", "mlp")],
+    "swin_t": ["features.0.0"] + [f"features.{s}.{b}.{m}" for s, d in ((1, 2), (3, 2), (5, 6), (7, 2))
+                                  for b in range(d) for m in ("attn", "mlp")],
 }
-_PLOTS_N = {"resnet18": 6, "deit_s": 14, "deit_s_5b": 7}
+_PLOTS_N = {"resnet18": 6, "deit_s": 14, "deit_s_5b": 7, "swin_t": 10}
+_PLOTS_MIXING = {"resnet18": "convolution", "deit_s": "attention", "deit_s_5b": "attention", "swin_t": "attention"}
 
 
 def _plots_run_cli(*argv, cwd=ROOT, timeout=600):
@@ -2882,7 +2958,9 @@ def _plots_write_run(root, model, data, n, seed, analyses=None, ref=None, summar
     info = {"name": data, "classes": ["a", "b"], "num_classes": 2, "multilabel": False, "metric": metric,
             "loss": "ce", "mean": [0.5] * 3, "std": [0.25] * 3}
     _plots_dump(os.path.join(run, "config.json"), {"config": cfg, "data": info, "sizes": [64, 32, 32],
-                                                   "init": ["x"], "versions": {}, "format": "wtst-run/1"})
+                                                   "init": ["x"], "versions": {"torch": "2.x-test"},
+                                                   "facts": {"token_mixing": _PLOTS_MIXING[model]},
+                                                   "format": "wtst-run/1"})
     test = 0.6 + 0.3 * frac + 0.02 * rng.standard_normal()
     best_it = int(400 - 250 * frac + 20 * seed)
     if summary:
@@ -2890,7 +2968,8 @@ def _plots_write_run(root, model, data, n, seed, analyses=None, ref=None, summar
             "model": model, "data": data, "init": init, "n": n, "N": N, "seed": seed, "metric": metric,
             "best_val_metric": test + 0.01, "best_iteration": best_it, "convergence_iteration": best_it,
             "test": {metric: test, "loss": 0.5}, "iterations": 500, "epochs_run": 5.0, "validations": 10,
-            "stop_reason": "reached --epochs 5", "wall_seconds": 10.0, "train_seconds": 9.0,
+            "stop_reason": "early stopping: 6 validations without improvement", "wall_seconds": 10.0,
+            "train_seconds": 9.0,
             "images_per_second": 100.0})
     deit = model.startswith("deit")
     types = ["cls", "patches", "all"] if deit else ["all"]
@@ -2922,8 +3001,14 @@ def _plots_write_run(root, model, data, n, seed, analyses=None, ref=None, summar
     if deit:
         blocks = [l for l in layers if l.endswith(".attn")]
         per_head = 20 + 60 * np.linspace(0, 1, len(blocks))[:, None] * (1 - 0.5 * frac) + rng.random((len(blocks), 6))
+        share = 0.1 + 0.05 * rng.random((len(blocks), 6))  # CLS share; the dropped form is renormalised x (1 - it)
         docs["attention"] = dict(head, metric="attention", layers=blocks, settings={"unit": "pixels"},
-                                 values={"per_block": per_head.mean(1).tolist(), "per_head": per_head.tolist()})
+                                 values={"per_block": (per_head * (1 - share)).mean(1).tolist(),
+                                         "per_head": (per_head * (1 - share)).tolist(),
+                                         "per_block_renormalized": per_head.mean(1).tolist(),
+                                         "per_head_renormalized": per_head.tolist(),
+                                         "cls_share_per_block": share.mean(1).tolist(),
+                                         "cls_share_per_head": share.tolist()})
     docs["convergence"] = dict(head, metric="convergence", layers=[], settings={}, values={
         "best_iteration": best_it, "best_val_metric": test + 0.01, "iterations": 500, "val_metric": metric,
         "curve": [[100, 0.5], [best_it, test + 0.01]]})
@@ -3027,10 +3112,11 @@ def test_plots_model_facts_from_json():
     without "facts" (older analyze.py) are read by their content."""
     import plots
     facts = {"feature_types": ["cls", "patches", "all"], "has_attention": True}
-    assert plots.run_facts({"l2": {"values": [], "facts": facts}}) == facts
+    import findings
+    assert findings.run_facts({"l2": {"values": [], "facts": facts}}) == facts
     old = {"cka": {"values": {"init": {"cls": [], "patches": [], "all": []}}}, "attention": {"values": {}}}
-    assert plots.run_facts(old) == {"feature_types": ["all", "cls", "patches"], "has_attention": True}
-    assert plots.run_facts({"l2": {"values": []}}) == {"feature_types": ["all"], "has_attention": False}
+    assert findings.run_facts(old) == {"feature_types": ["all", "cls", "patches"], "has_attention": True}
+    assert findings.run_facts({"l2": {"values": []}}) == {"feature_types": ["all"], "has_attention": False}
 
 
 def test_plots_formats_and_empty_figures(tmp_path):
@@ -3275,10 +3361,10 @@ def test_plots_end_to_end_tiny_runs(tmp_path):
     assert "| DeiT-T | ST n=0/14 |" in table
 
 
-# ----------------------------------------------------------------------------- findings (plots.py)
+# ----------------------------------------------------------------------------- findings (findings.py)
 def _findings_runs(root, models=("resnet18", "deit_s"), seeds=(0, 1, 2)):
-    """Made-up run sets on 'lesions' where every finding holds: the test metric, CKA to init and
-    speed rise with n, ST attention is more global, and the ViT gains more from WT."""
+    """Made-up run sets on 'lesions' with large effects in the paper's direction: the test metric,
+    CKA to init and speed rise with n, ST attention is more global, and the ViT gains more from WT."""
     for model in models:
         N = _PLOTS_N[model]
         for seed in seeds:
@@ -3287,8 +3373,8 @@ def _findings_runs(root, models=("resnet18", "deit_s"), seeds=(0, 1, 2)):
         _plots_write_run(root, model, "lesions", None, 0)
     for seed in seeds:  # a larger WT gain for the ViT
         if "deit_s" in models:
-            path = os.path.join(root, f"deit_s-lesions-n14-s{seed}", "summary.json")
-            _findings_edit(path, lambda s: s["test"].update(macro_recall=s["test"]["macro_recall"] + 0.1))
+            path = os.path.join(root, f"deit_s-lesions-n0-s{seed}", "summary.json")
+            _findings_edit(path, lambda s: s["test"].update(macro_recall=s["test"]["macro_recall"] - 0.2))
 
 
 def _findings_edit(path, change):
@@ -3299,51 +3385,280 @@ def _findings_edit(path, change):
 
 
 def _findings(root, out):
-    import plots
-    runs, _ = plots.find_runs(str(root))
-    text = plots.write_findings(runs, argparse.Namespace(out=str(out)), [])
+    import findings
+    runs, _ = findings.find_runs(str(root))
+    text = findings.write_findings(runs, str(out), [])
     with open(out / "findings.json") as f:
         return text, json.load(f)
 
 
-def test_findings_hold(tmp_path):
+def _findings_verdicts(doc, data="lesions"):
+    return {f: d["verdict"] for f, d in doc[data].items()}
+
+
+def _findings_swap(root, model, N, seed, other_n=0, other_seed=None):
+    """Swap every file of the WT run (n=N, seed) with the run (other_n, other_seed)."""
+    other_seed = seed if other_seed is None else other_seed
+    a, b = root / f"{model}-lesions-n{N}-s{seed}", root / f"{model}-lesions-n{other_n}-s{other_seed}"
+    for name in ["summary.json"] + [f"analysis/{x}" for x in os.listdir(a / "analysis")]:
+        x, y = (a / name).read_bytes(), (b / name).read_bytes()
+        (a / name).write_bytes(y)
+        (b / name).write_bytes(x)
+
+
+def test_findings_large_effect_supported(tmp_path):
+    """Large effects in the paper's direction: every finding `supported` for every model, with the
+    effect, interval and p of Welch's test (checked against scipy), the seeds and the machine."""
     _findings_runs(str(tmp_path / "runs"))
     text, doc = _findings(tmp_path / "runs", tmp_path)
-    assert {f: d["verdict"] for f, d in doc["lesions"].items()} == {f: "holds" for f in ("F1", "F2", "F3", "F4")}
+    assert _findings_verdicts(doc) == {f: "supported" for f in ("F1", "F2", "F3", "F4")}
     assert (tmp_path / "findings.md").read_text() == text
-    assert "| F1 |" in text and "**holds**" in text and "does not hold" not in text
+    assert "| F1 |" in text and "**supported**" in text and "Welch's t-test" in text
     assert "Warning" not in text  # 3 seeds per initialisation: no small-sample warning
-    # the numbers come from the runs: WT's per-seed test values are printed
-    with open(tmp_path / "runs" / "resnet18-lesions-n6-s1" / "summary.json") as f:
-        wt1 = json.load(f)["test"]["macro_recall"]
-    assert f"s1 {wt1:.3f}" in text
+    assert "other digits" in text and "2.x-test" in text  # the machine note and the runs' torch version
+    assert "seeds of DeiT-S: ST n=0/14: s0 s1 s2; WT-ST n=7/14: s0 s1 s2; WT n=14/14: s0 s1 s2; RI: s0" in text
+    # the numbers come from the runs: per-seed values, and the effect = mean WT - mean ST with Welch's interval
+    vals = {}
+    for n in (0, 6):
+        vals[n] = [json.loads((tmp_path / "runs" / f"resnet18-lesions-n{n}-s{s}" / "summary.json").read_text())
+                   ["test"]["macro_recall"] for s in (0, 1, 2)]
+    assert f"s1 {vals[6][1]:.3f}" in text
+    m = doc["lesions"]["F1"]["models"]["resnet18"]
+    assert m["effect"] == pytest.approx(np.mean(vals[6]) - np.mean(vals[0]), abs=1e-12)
+    assert m["seeds"] == {"WT": [0, 1, 2], "ST": [0, 1, 2]} and m["verdict"] == "supported"
+    assert m["ci"][0] > 0 and 0 <= m["p"] < 0.05
+    stats = pytest.importorskip("scipy.stats")
+    ref = stats.ttest_ind(vals[6], vals[0], equal_var=False)
+    assert m["p"] == pytest.approx(ref.pvalue, rel=1e-8)
+    assert m["ci"] == pytest.approx(list(ref.confidence_interval(0.95)), rel=1e-8)
+    # F1's sub-results carry their own numbers and are not gates; F3 states its window
+    sub = m["sub"]
+    assert set(sub) == {"WT-ST n=3/6", "RI"} and "minus_st" in sub["WT-ST n=3/6"]
+    assert "1 seed" in sub["RI"]["wt_minus"]["text"]  # RI on one seed: no interval
+    assert doc["lesions"]["F3"]["window"]["deit_s"] == "layers 1-9 of 25 (patch_embed.proj .. blocks.3.mlp)"
+    assert "Fig. 9" in text and "Fig. 12" in text and "Fig. 9-10" not in text
+    f4 = doc["lesions"]["F4"]
+    assert f4["halves"] == {"attention": "supported", "gain": "supported"}
+    assert set(f4["models"]) == {"deit_s"} and set(f4["gain"]) == {"deit_s - resnet18"}
+    assert f4["windows"]["deit_s"] == "blocks 1-4 of 12 (blocks.0.attn .. blocks.3.attn)"
 
 
-def test_findings_do_not_hold(tmp_path):
-    """WT and ST swap their results (summary and analyses): every finding is reported as not holding;
-    one WT seed below one ST seed alone breaks F1; a model alone leaves F4 unmeasured."""
+def test_findings_against_paper_contradicted(tmp_path):
+    """WT and ST swap their results (summary and analyses): every finding is `contradicted`;
+    with one model only F4 is `not measured`."""
     root = tmp_path / "runs"
     _findings_runs(str(root))
     for model, N in (("resnet18", 6), ("deit_s", 14)):
         for seed in (0, 1, 2):
-            wt, st = root / f"{model}-lesions-n{N}-s{seed}", root / f"{model}-lesions-n0-s{seed}"
-            for name in ["summary.json"] + [f"analysis/{a}" for a in os.listdir(wt / "analysis")]:
-                a, b = (wt / name).read_bytes(), (st / name).read_bytes()
-                (wt / name).write_bytes(b)
-                (st / name).write_bytes(a)
-    _, doc = _findings(root, tmp_path)
-    assert {f: d["verdict"] for f, d in doc["lesions"].items()} == {f: "does not hold" for f in ("F1", "F2", "F3", "F4")}
+            _findings_swap(root, model, N, seed)
+    text, doc = _findings(root, tmp_path)
+    assert _findings_verdicts(doc) == {f: "contradicted" for f in ("F1", "F2", "F3", "F4")}
+    assert all(m["ci"][1] < 0 for m in doc["lesions"]["F1"]["models"].values())
 
     root2 = tmp_path / "runs2"
     _findings_runs(str(root2), models=("resnet18",))
-    st_best = max(json.loads((root2 / f"resnet18-lesions-n0-s{s}" / "summary.json").read_text())["test"]["macro_recall"]
-                  for s in (0, 1, 2))
-    _findings_edit(str(root2 / "resnet18-lesions-n6-s2" / "summary.json"),  # below the best ST seed, mean still higher
-                   lambda s: s["test"].update(macro_recall=st_best - 0.001))
-    text, doc = _findings(root2, tmp_path)
-    v = {f: d["verdict"] for f, d in doc["lesions"].items()}
-    assert v == {"F1": "does not hold", "F2": "holds", "F3": "holds", "F4": "not measured"}, v
-    assert "every WT seed > every ST seed: no" in text
+    _, doc = _findings(root2, tmp_path)
+    assert _findings_verdicts(doc) == {"F1": "supported", "F2": "supported", "F3": "supported",
+                                       "F4": "not measured"}
+
+
+def test_findings_no_effect_not_resolved(tmp_path):
+    """WT runs get the ST runs' results of another seed: every effect is exactly 0, so every finding
+    is `not resolved`, with 'no effect seen' instead of a number of seeds."""
+    root = tmp_path / "runs"
+    _findings_runs(str(root))
+    for model, N in (("resnet18", 6), ("deit_s", 14)):
+        for seed in (0, 1, 2):  # WT s_i <- ST s_(i+1): the same values, in another seed order
+            src = root / f"{model}-lesions-n0-s{(seed + 1) % 3}"
+            dst = root / f"{model}-lesions-n{N}-s{seed}"
+            for name in ["summary.json"] + [f"analysis/{x}" for x in os.listdir(src / "analysis")]:
+                (dst / name).write_bytes((src / name).read_bytes())
+    text, doc = _findings(root, tmp_path)
+    assert _findings_verdicts(doc) == {f: "not resolved" for f in ("F1", "F2", "F3", "F4")}
+    m = doc["lesions"]["F3"]["models"]["deit_s"]
+    assert m["effect"] == pytest.approx(0, abs=1e-12) and m["p"] == pytest.approx(1) and m["seeds_needed"] is None
+    assert "no effect seen" in text
+
+
+def test_findings_not_resolved_says_seeds_needed(tmp_path):
+    """A real but noisy effect (one WT seed below the ST seeds): `not resolved`, with the number of
+    seeds per initialisation that would resolve it (more than the 3 here, at most 100)."""
+    root = tmp_path / "runs"
+    _findings_runs(str(root), models=("resnet18",))
+    st = [json.loads((root / f"resnet18-lesions-n0-s{s}" / "summary.json").read_text())["test"]["macro_recall"]
+          for s in (0, 1, 2)]
+    _findings_edit(str(root / "resnet18-lesions-n6-s2" / "summary.json"),
+                   lambda s: s["test"].update(macro_recall=min(st) - 0.15))
+    text, doc = _findings(root, tmp_path)
+    m = doc["lesions"]["F1"]["models"]["resnet18"]
+    assert m["verdict"] == "not resolved" and m["effect"] > 0 and m["ci"][0] < 0 < m["ci"][1]
+    assert 3 < m["seeds_needed"] <= 100
+    assert f"about {m['seeds_needed']} seeds per initialisation would resolve" in text
+
+
+def test_findings_censored_convergence(tmp_path):
+    """F2 with runs stopped by their budget (best iteration = a lower bound): censored WT runs give
+    `not measured`, naming them; censored ST runs leave a `supported` verdict standing (the true
+    effect is only larger) but turn a `not resolved` one into `not measured`."""
+    budget = lambda s: s.update(stop_reason="reached --epochs 5", best_iteration=s["iterations"])
+    root = tmp_path / "runs"
+    _findings_runs(str(root))
+    for seed in (0, 1):
+        _findings_edit(str(root / f"resnet18-lesions-n6-s{seed}" / "summary.json"),
+                       lambda s: s.update(stop_reason="reached --epochs 5"))
+    text, doc = _findings(root, tmp_path)
+    assert doc["lesions"]["F2"]["models"]["resnet18"]["verdict"] == "not measured"
+    assert "WT s0: best at iteration 150 of 500" in text and "WT s1" in text and "WT s2:" not in text
+    assert doc["lesions"]["F2"]["censored"]["resnet18"][0].startswith("WT s0")
+    # supported for every model measured (DeiT-S), and the table says which model is left out
+    assert doc["lesions"]["F2"]["verdict"] == "supported" and "**supported** (not measured: ResNet18)" in text
+
+    root = tmp_path / "runs_st"
+    _findings_runs(str(root), models=("resnet18",))
+    for seed in (0, 1, 2):
+        _findings_edit(str(root / f"resnet18-lesions-n0-s{seed}" / "summary.json"), budget)
+    text, doc = _findings(root, tmp_path)
+    assert doc["lesions"]["F2"]["verdict"] == "supported" and "conservative" in text
+    assert "best at its last validation: still improving" in text
+
+    root = tmp_path / "runs_st_none"  # ST censored and WT no faster: no verdict either way
+    _findings_runs(str(root), models=("resnet18",))
+    for seed in (0, 1, 2):
+        _findings_edit(str(root / f"resnet18-lesions-n0-s{seed}" / "summary.json"), budget)
+        _findings_edit(str(root / f"resnet18-lesions-n6-s{seed}" / "summary.json"),
+                       lambda s, seed=seed: s.update(best_iteration=500 - 10 * seed))
+    _, doc = _findings(root, tmp_path)
+    assert doc["lesions"]["F2"]["verdict"] == "not measured"
+
+
+def test_findings_group_by_token_mixing_fact(tmp_path):
+    """F4 groups models by config.json's facts.token_mixing (models.py), never by name: swapping
+    the facts swaps the groups; runs without the fact cannot be grouped (`not measured`). A model
+    with windowed attention only (Swin) has no attention half, said so, but is in the gain half."""
+    root = tmp_path / "runs"
+    _findings_runs(str(root))
+    for run in os.listdir(root):
+        path = str(root / run / "config.json")
+        swap = {"attention": "convolution", "convolution": "attention"}
+        _findings_edit(path, lambda d: d["facts"].update(token_mixing=swap[d["facts"]["token_mixing"]]))
+    _, doc = _findings(root, tmp_path)
+    f4 = doc["lesions"]["F4"]
+    assert set(f4["gain"]) == {"resnet18 - deit_s"} and f4["token_mixing"]["resnet18"] == ["attention"]
+    assert f4["models"]["resnet18"]["verdict"] == "not measured"  # no attention analysis for it
+    for run in os.listdir(root):
+        _findings_edit(str(root / run / "config.json"), lambda d: d.pop("facts"))
+        for a in os.listdir(root / run / "analysis"):
+            _findings_edit(str(root / run / "analysis" / a), lambda d: d["facts"].pop("token_mixing", None))
+    text, doc = _findings(root, tmp_path)
+    assert doc["lesions"]["F4"]["verdict"] == "not measured" and "no facts.token_mixing" in text
+
+    root = tmp_path / "swin"
+    _findings_runs(str(root), models=("swin_t", "resnet18"))
+    text, doc = _findings(root, tmp_path)
+    f4 = doc["lesions"]["F4"]
+    assert f4["models"]["swin_t"]["verdict"] == "not measured" and "as Swin" in text
+    assert set(f4["gain"]) == {"swin_t - resnet18"} and f4["verdict"] == "not measured"
+
+
+def test_findings_one_seed_and_exact_ties():
+    """Welch's test on degenerate groups: one seed -> no interval, `not resolved` (no division by a
+    missing spread); no spread in any group -> the effect is exact (p 0, or 1 when it is 0)."""
+    import findings as fi
+    t = fi.welch([[0.7], [0.5, 0.6]])
+    assert t["ci"] is None and t["p"] is None and "1 seed" in t["why"] and fi.verdict_of(t) == "not resolved"
+    t = fi.welch([[40.0, 40.0, 40.0], [80.0, 80.0, 80.0]])
+    assert t["exact"] and t["ci"] == [-40.0, -40.0] and t["p"] == 0 and fi.verdict_of(t) == "contradicted"
+    t = fi.welch([[80.0, 80.0], [80.0, 80.0, 80.0]])
+    assert t["exact"] and t["p"] == 1 and fi.verdict_of(t) == "not resolved"
+    t = fi.welch([[1.0, 1.0, 1.0], [0.0, 0.5, 1.0]])  # one group without spread: df = n - 1 of the other
+    assert t["df"] == pytest.approx(2) and not t["exact"]
+    assert fi.combine([{"verdict": "supported"}, {"verdict": "not measured"}]) == "supported"
+    assert fi.combine([{"verdict": "supported"}, {"verdict": "not resolved"}]) == "not resolved"
+    assert fi.combine([{"verdict": "supported"}, {"verdict": "contradicted"}]) == "contradicted"
+    assert fi.combine([{"verdict": "not measured"}]) == "not measured"
+
+
+def test_findings_one_seed_runs_warn(tmp_path):
+    _findings_runs(str(tmp_path / "runs"), seeds=(0,))
+    text, doc = _findings(tmp_path / "runs", tmp_path)
+    assert "Warning: only 1 seed(s) per initialisation" in text
+    assert set(_findings_verdicts(doc).values()) == {"not resolved"}
+
+
+def test_findings_student_t_against_reference():
+    """The t distribution computed in findings.py (no scipy at run time) against scipy.stats, or
+    against tabulated quantiles when scipy is absent; Welch's test against scipy's."""
+    import findings as fi
+    table = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 10: 2.228138852, 30: 2.042272456}
+    for df, q in table.items():
+        assert fi.t_ppf(0.975, df) == pytest.approx(q, rel=1e-9)
+        assert fi.t_two_sided(q, df) == pytest.approx(0.05, rel=1e-8)
+    try:
+        from scipy import stats
+    except ImportError:
+        return
+    for df in (0.7, 1, 1.5, 2, 2.9, 4, 7.3, 20, 150, 5000):
+        for t in (0, 0.05, 0.7, 1.5, 2.2, 3.5, 8, 40):
+            assert fi.t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), rel=1e-9, abs=1e-15)
+            assert fi.t_cdf(-t, df) == pytest.approx(stats.t.cdf(-t, df), rel=1e-9, abs=1e-15)
+        for q in (0.01, 0.2, 0.5, 0.8, 0.9, 0.975, 0.999):
+            assert fi.t_ppf(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-9, abs=1e-12)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.normal(0.5, 0.1, rng.integers(2, 6)), rng.normal(0.55, 0.3, rng.integers(2, 6))
+        t, ref = fi.welch([a, b]), stats.ttest_ind(a, b, equal_var=False)
+        assert t["p"] == pytest.approx(ref.pvalue, rel=1e-8)
+        assert t["ci"] == pytest.approx(list(ref.confidence_interval(0.95)), rel=1e-8)
+
+
+def _findings_null_rates(rng, draw, groups, coefs, studies):
+    """Verdict counts of Welch's test over simulated studies where every group has the same law."""
+    import findings as fi
+    counts = dict.fromkeys(("supported", "not resolved", "contradicted"), 0)
+    for _ in range(studies):
+        counts[fi.verdict_of(fi.welch([draw(rng, 3) for _ in range(groups)], coefs))] += 1
+    return counts
+
+
+def test_findings_calibration_no_effect():
+    """Simulated 3-seed studies with no effect (same law for WT and ST): `supported` in at most 7%
+    (Welch's two-sided 5% test: about 2.5% expected), for normal and skewed (lognormal) noise, for
+    two groups (F1-F3, F4's attention half) and four (F4's gain half); and a large effect
+    (4 sd) is `supported` in most studies (the test is not blind)."""
+    studies = 1000
+    rng = np.random.default_rng(2024)
+    laws = {"normal": lambda r, n: r.normal(0.7, 0.05, n), "lognormal": lambda r, n: r.lognormal(0.0, 1.0, n)}
+    for name, draw in laws.items():
+        for groups, coefs in ((2, (1, -1)), (4, (1, -1, -1, 1))):
+            counts = _findings_null_rates(rng, draw, groups, coefs, studies)
+            print(f"no effect, {name} noise, {groups} groups of 3 seeds, {studies} studies: {counts}")
+            assert counts["supported"] <= 0.07 * studies, counts
+            assert counts["contradicted"] <= 0.07 * studies, counts
+    shifted = lambda r, n: r.normal(0.0, 1.0, n)
+    import findings as fi
+    hits = sum(fi.verdict_of(fi.welch([shifted(rng, 3) + 4, shifted(rng, 3)])) == "supported" for _ in range(studies))
+    print(f"effect of 4 sd, normal noise, 3 seeds: supported in {hits} of {studies}")
+    assert hits > 0.5 * studies
+
+
+def test_findings_cli_alone(tmp_path):
+    """findings.py runs alone (no torch, no matplotlib) and writes findings.md / .json; bad input
+    is one line, exit 2, nothing written."""
+    code = "import sys, findings; assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
+    assert _plots_run_cli("-c", code).returncode == 0
+    _findings_runs(str(tmp_path / "runs"), models=("resnet18",))
+    res = _plots_run_cli("findings.py", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["findings.json", "findings.md"]
+    assert "| F1 |" in res.stdout
+    for argv in (["--runs", str(tmp_path / "nope")], ["--runs", str(tmp_path / "out")]):
+        res = _plots_run_cli("findings.py", *argv, "--out", str(tmp_path / "out2"))
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("findings.py: error: --runs"), res
+        assert not (tmp_path / "out2").exists()
+    (tmp_path / "afile").write_text("x")
+    res = _plots_run_cli("findings.py", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "afile"))
+    assert res.returncode == 2 and "--out" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- study.sh
@@ -3362,7 +3677,8 @@ def _study_check_findings(tmp_path, data, models):
         doc = json.load(f)
     assert set(doc) == {data}, doc.keys()
     assert set(doc[data]) == {"F1", "F2", "F3", "F4"}
-    assert all(d["verdict"] in ("holds", "does not hold", "not measured") for d in doc[data].values())
+    assert all(d["verdict"] in ("supported", "not resolved", "contradicted", "not measured")
+               for d in doc[data].values())
     for model in models:
         with open(tmp_path / "runs" / "target" / f"{model}-{data}-n0-s0" / "summary.json") as f:
             s = json.load(f)

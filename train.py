@@ -641,7 +641,7 @@ def main(argv=None):
             rundir.save_json(os.path.join(out, "config.json"),
                            {"config": cfg, "data": {k: v for k, v in info.items() if k != "sizes"},
                             "sizes": [len(d) for d in splits], "init": init_lines, "versions": versions(),
-                            "format": FORMAT})
+                            "facts": {"token_mixing": model.token_mixing}, "format": FORMAT})
         init = {"ri": "RI", "wt": "WT", "st": "ST", "wtst": "WT-ST"}[cfg["init"]]
         init += "" if cfg["init"] == "ri" else f" n={cfg['n']}/{cfg['N']}"
         log(f"{out}: {cfg['model']} on {cfg['data']} ({len(splits[0])}/{len(splits[1])}/{len(splits[2])} images), "
