@@ -7,6 +7,7 @@ SLURM_PIDS=()
 start_slurm() {
   local dir=$1 sudo=() node
   [ "$(id -u)" = 0 ] || sudo=(sudo)
+  export PATH=$PATH:/usr/sbin:/sbin   # the daemons (a user's PATH may lack them)
   mkdir -p "$dir/state" "$dir/spool"
   chmod 755 "$dir"   # munged wants its socket reachable
   "${sudo[@]}" dd if=/dev/urandom of="$dir/munge.key" bs=128 count=1 status=none
