@@ -5,6 +5,8 @@
     python bench.py cka      # all-pairs CKA vs the original per-pair code and pytorch-cka (goal: >= 20x vs a)
     python bench.py knn      # chunked k-NN vs a brute-force full similarity matrix (memory, time)
     python bench.py train    # train.py's loop vs a bare minimal loop (goal: overhead <= 5%)
+    python bench.py sweep    # sweep.py's local executor: time outside the jobs (goal: <= 5%), and
+                             # jobs run in the workers' processes vs one `python train.py` process each
 
 Each takes its own flags (`python bench.py models --help`). No timings are asserted anywhere.
 
@@ -554,7 +556,76 @@ def bench_train(argv):
         print(f"{name:<12} {best_o:11.1f} {best_b:11.1f} {best_b / best_o - 1:+8.1%}")
 
 
-BENCHES = {"models": bench_models, "data": bench_data, "cka": bench_cka, "knn": bench_knn, "train": bench_train}
+# ========================================================================================
+# sweep
+# ========================================================================================
+def bench_sweep(argv):
+    """sweep.py's local executor on tiny training jobs (ResNet18 at 32 px on 16 `lesions` images,
+    one epoch, random init, one seed each; every job its own run folder):
+    - overhead: --jobs jobs on --workers workers (1 thread each); the time outside the jobs is
+      1 - (sum of the job times measured inside the workers) / (workers x wall time of the sweep),
+      wall time from before the workers start to after they are stopped (goal: <= 5%);
+    - in-process: --compare jobs on one worker (each job run in the worker's process, torch
+      imported once) against the same jobs as one `python train.py ...` process each, one after
+      the other; ratio = subprocesses / worker."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    import sweep
+
+    p = argparse.ArgumentParser(prog="bench.py sweep")
+    p.add_argument("--jobs", type=int, default=40)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--compare", type=int, default=8, help="jobs of the in-process vs subprocess comparison")
+    a = p.parse_args(argv)
+
+    def tiny_jobs(root, n):
+        jobs = []
+        for i in range(n):
+            run = os.path.join(root, f"r{i}")
+            argv = ["train.py", "--model", "resnet18", "--data", "lesions", "--img-size", "32", "--subset", "16",
+                    "--epochs", "1", "--batch-size", "8", "--init", "ri", "--seed", str(i), "--device", "cpu",
+                    "--workers", "0", "--out", run]
+            jobs.append({"id": f"train {run}", "kind": "train", "argv": argv, "needs": [], "run": run, "metrics": [],
+                         "ref": None, "log": os.path.join(root, "logs", f"r{i}.log")})
+        return jobs
+
+    one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = tiny_jobs(os.path.join(tmp, "overhead"), a.jobs)
+        start = time.perf_counter()
+        seconds = sweep.run_local(jobs, [one_thread] * a.workers)
+        wall = time.perf_counter() - start
+        busy = sum(seconds.values())
+        print(f"local executor: {a.jobs} tiny training jobs on {a.workers} workers x 1 thread: wall {wall:.1f} s, "
+              f"jobs {busy:.1f} s in all (median {statistics.median(seconds.values()):.2f} s); outside the jobs "
+              f"{1 - busy / (a.workers * wall):.1%} of the workers' time (goal <= 5%)")
+
+        def children_cpu():  # CPU seconds of the finished child processes (workers, subprocesses)
+            r = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return r.ru_utime + r.ru_stime
+
+        jobs = tiny_jobs(os.path.join(tmp, "inprocess"), a.compare)
+        start, cpu = time.perf_counter(), children_cpu()
+        sweep.run_local(jobs, [one_thread])
+        inprocess, inprocess_cpu = time.perf_counter() - start, children_cpu() - cpu
+        jobs = tiny_jobs(os.path.join(tmp, "subprocess"), a.compare)
+        start, cpu = time.perf_counter(), children_cpu()
+        for job in jobs:
+            with open(os.devnull, "w") as null:
+                subprocess.run([sys.executable, os.path.join(sweep.HERE, job["argv"][0]), *job["argv"][1:]],
+                               stdout=null, stderr=null, env=dict(os.environ, **one_thread), check=True)
+        alone, alone_cpu = time.perf_counter() - start, children_cpu() - cpu
+        print(f"{a.compare} jobs one after the other: in one worker's process {inprocess:.1f} s wall "
+              f"({inprocess_cpu:.1f} s CPU), as one process each {alone:.1f} s wall ({alone_cpu:.1f} s CPU): "
+              f"{alone / inprocess:.2f}x wall, {alone_cpu / inprocess_cpu:.2f}x CPU "
+              f"({(alone - inprocess) / a.compare:.2f} s wall saved per job)")
+
+
+BENCHES = {"models": bench_models, "data": bench_data, "cka": bench_cka, "knn": bench_knn, "train": bench_train,
+           "sweep": bench_sweep}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:

@@ -3709,26 +3709,34 @@ def test_study_offline_tiny(tmp_path):
     figs = set(os.listdir(tmp_path / "figs"))
     assert "sweep_lesions.png" in figs and not [f for f in figs if "shapes" in f]  # source not plotted
     assert "findings.md" in res.stdout and "| F1 |" in res.stdout  # printed too
+    assert "[19/19] figures done" in res.stdout  # progress: one plain line per finished job (not a terminal)
     mtime = (runs / "target" / "resnet18-lesions-n0-s0" / "summary.json").stat().st_mtime_ns
+    log = (runs / "logs" / "analyze-resnet18-lesions-n6-s0.log").read_text()
     res = _study(tmp_path, MODELS=models_env, EPOCHS="", BATCH="")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "19 jobs: 18 finished before (skipped), 1 to run" in res.stdout, res.stdout  # the figures, drawn again
     assert (runs / "target" / "resnet18-lesions-n0-s0" / "summary.json").stat().st_mtime_ns == mtime
-    log = (runs / "logs" / "resnet18.log").read_text()
-    assert "already finished" in log and "analyze.py" not in log
+    assert (runs / "logs" / "analyze-resnet18-lesions-n6-s0.log").read_text() == log  # not run again
 
 
 def test_study_failed_job_stops_every_worker(tmp_path):
-    """The workers share one job queue; the first failing job stops them all, and study.sh
-    names the model and prints the end of its log (exit 1)."""
-    res = _study(tmp_path, MODELS="resnet18:32:-1 deit_t:32", WORKERS="2")
+    """The first job that fails stops every worker at once; study.sh (sweep.py) names the job and
+    prints the end of its log (exit 1). A bad knob is one line, exit 2, nothing written."""
+    root = tmp_path / "tiny"
+    _user_folder(root, ["a", "b"], 2)  # 2 images a class: too few for three splits, found by train.py
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not a checkpoint")
+    res = _study(tmp_path, DATA="folder", DATA_ROOT=str(root), WEIGHTS=str(weights), MODELS="resnet18:32 deit_t:32",
+                 WORKERS="2", NS="0")
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "study.sh: resnet18 failed" in res.stderr and "--lr" in res.stderr, res.stderr
+    assert "sweep.py: train " in res.stderr and "failed (exit 2); the end of its log" in res.stderr, res.stderr
+    assert "train.py: error:" in res.stderr  # the end of the job's own log
     target = tmp_path / "runs" / "target"
-    assert not target.exists() or not os.listdir(target)  # deit_t's worker stopped after its source
-    assert (tmp_path / "runs" / "logs" / "failed").read_text() == "resnet18"
-    for knob, value, error in [("WORKERS", "two", "study.sh: WORKERS=two: expected a whole number"),
-                               ("THREADS", "0", "study.sh: THREADS=0: expected a whole number"),
-                               ("MODELS", "resnet18:32 resnet19:32", "study.sh: MODELS entry resnet19 at size 32: unknown model")]:
+    assert not target.exists() or not [r for r in os.listdir(target) if (target / r / "summary.json").exists()]
+    for knob, value, error in [("WORKERS", "two", "sweep.py: --workers two: expected a whole number >= 1"),
+                               ("THREADS", "0", "sweep.py: --threads 0: expected a whole number >= 1"),
+                               ("MODELS", "resnet18:32 resnet19:32",
+                                "sweep.py: --models entry resnet19 at size 32: unknown model 'resnet19'")]:
         res = _study(tmp_path / "x", **{knob: value})
         assert res.returncode == 2 and error in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
         assert not (tmp_path / "x").exists()
@@ -3739,15 +3747,15 @@ def test_study_own_folder_from_weights(tmp_path):
     images runs the sweep, the analyses and findings.md, grouped under the folder's name."""
     import torch
     import models
-    root = tmp_path / "derm"
+    root = tmp_path / "dätä" / "derm"  # issue 23: a non-ASCII path, in the C locale, in the data and the runs
     _user_folder(root, ["benign", "malignant"], 10)
     torch.manual_seed(0)
     weights = tmp_path / "pretrained.pt"
     torch.save(models.create_model("resnet18", num_classes=1000, img_size=32).state_dict(), weights)
     res = _study(tmp_path, DATA="folder", DATA_ROOT=str(root), MODEL="resnet18", WEIGHTS=str(weights),
-                 SIZE="32", NS="0 6", DEVICE="cpu")
+                 SIZE="32", NS="0 6", DEVICE="cpu", LC_ALL="C", LANG="C", RUNS=str(tmp_path / "rüns"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    runs = tmp_path / "runs" / "target"
+    runs = tmp_path / "rüns" / "target"
     assert sorted(os.listdir(runs)) == ["resnet18-folder-n0-s0", "resnet18-folder-n6-s0", "resnet18-folder-ri-s0"]
     with open(runs / "resnet18-folder-n0-s0" / "config.json") as f:
         doc = json.load(f)
@@ -3781,3 +3789,378 @@ def test_study_own_data_from_weights(tmp_path):
     assert doc["synthetic"]["F4"]["verdict"] == "not measured"
     res = _study(tmp_path / "x", DATA="synthetic", MODEL="resnet18", WEIGHTS=str(tmp_path / "nope.pt"))
     assert res.returncode == 2 and "nope.pt" in res.stderr and not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- sweep.py
+_SWEEP_FACTS = {"resnet18": (6, False), "deit_t": (14, True)}
+
+
+def _sweep_study(tmp_path, *flags):
+    import sweep
+    args = sweep.build_parser().parse_args(["--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "figs"),
+                                            *flags])
+    return sweep.study_settings(args)
+
+
+def _sweep_by_id(jobs):
+    return {j["id"]: j for j in jobs}
+
+
+def test_sweep_plan_offline(tmp_path):
+    """The offline study's plan: per model one source pretraining, 3 seeds x n in {0, N/2, N}
+    from the source's best.pt, RI on the first seed, an analysis per run (re-init only on the
+    first seed's WT run, CKA --ref ST on each WT run, attention only for the ViT), then the
+    figures after everything; jobs in dependency order, the commands those of the old study.sh."""
+    import sweep
+    study = _sweep_study(tmp_path)
+    jobs = sweep.plan(study, _SWEEP_FACTS)
+    assert not (tmp_path / "runs").exists()  # pure: nothing written
+    assert len(jobs) == 2 * (1 + 3 * 3 + 1 + 10) + 1 == 43
+    by_id, seen = _sweep_by_id(jobs), set()
+    assert len(by_id) == len(jobs)
+    for j in jobs:  # dependency order; argv lists, never shell strings
+        assert set(j["needs"]) <= seen and isinstance(j["argv"], list) and j["argv"][0].endswith(".py")
+        seen.add(j["id"])
+    runs = str(tmp_path / "runs")
+    src = by_id[f"train {runs}/source/resnet18-shapes"]
+    assert src["argv"] == ["train.py", "--model", "resnet18", "--data", "shapes", "--init", "ri", "--img-size", "32",
+                           "--lr", "0.001", "--epochs", "2", "--batch-size", "32", "--warmup", "30", "--patience", "10",
+                           "--device", "cpu", "--out", f"{runs}/source/resnet18-shapes", "--resume"]
+    wt = by_id[f"train {runs}/target/deit_t-lesions-n14-s2"]
+    assert wt["needs"] == [f"train {runs}/source/deit_t-shapes"]
+    assert wt["argv"] == ["train.py", "--model", "deit_t", "--data", "lesions", "--n", "14", "--weights",
+                          f"{runs}/source/deit_t-shapes/best.pt", "--img-size", "48", "--lr", "0.001", "--epochs", "5",
+                          "--batch-size", "32", "--warmup", "6", "--patience", "6", "--plateau-patience", "2",
+                          "--seed", "2", "--device", "cpu", "--out", f"{runs}/target/deit_t-lesions-n14-s2", "--resume"]
+    ri = [j for j in jobs if j["kind"] == "train" and "-ri-" in j["id"]]
+    assert [os.path.basename(j["run"]) for j in ri] == ["resnet18-lesions-ri-s0", "deit_t-lesions-ri-s0"]
+    assert all(j["needs"] == [] and "--weights" not in j["argv"] for j in ri)
+    analyses = [j for j in jobs if j["kind"] == "analyze"]
+    assert len(analyses) == 20
+    full = sorted(os.path.basename(j["run"]) for j in analyses if "--skip" not in j["argv"])
+    assert full == ["deit_t-lesions-n14-s0", "resnet18-lesions-n6-s0"]
+    a = by_id[f"analyze {runs}/target/resnet18-lesions-n6-s1"]
+    assert a["argv"] == ["analyze.py", "--run", a["run"], "--metric", "all", "--skip", "reinit", "--ref",
+                         f"{runs}/target/resnet18-lesions-n0-s1", "--device", "cpu"]
+    assert a["needs"] == [f"train {runs}/target/resnet18-lesions-n6-s1", f"train {runs}/target/resnet18-lesions-n0-s1"]
+    assert a["metrics"] == ["cka", "knn", "l2", "convergence"]  # what analyze.py writes: the "done" check
+    assert by_id[f"analyze {runs}/target/deit_t-lesions-n14-s0"]["metrics"] == \
+        ["cka", "knn", "reinit", "l2", "attention", "convergence"]
+    fig = jobs[-1]
+    assert fig["id"] == "figures" and set(fig["needs"]) == set(by_id) - {"figures"}
+    assert fig["argv"] == ["plots.py", "--runs", f"{runs}/target", "--out", str(tmp_path / "figs"), "--format", "png"]
+    assert len({j["log"] for j in jobs}) == len(jobs)  # one log per job
+
+
+def test_sweep_plan_own_data_and_flags(tmp_path):
+    """--data: no source pretraining, runs from --weights, train.py's recipe unless given; --ns
+    with N and numbers, --seeds, --ri-seeds (none / a subset), --models entries and overrides."""
+    import sweep
+    (tmp_path / "mine").mkdir()
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    study = _sweep_study(tmp_path, "--data", "folder", "--data-root", str(tmp_path / "mine"), "--weights",
+                         str(weights), "--models", "resnet18:32:1e-3 deit_t", "--ns", "N,2", "--seeds", "3 4",
+                         "--ri-seeds", "none", "--epochs", "7")
+    jobs = sweep.plan(study, _SWEEP_FACTS)
+    assert len(jobs) == 2 * (2 * 2 + 2 * 2) + 1  # no source, no RI
+    t = [j for j in jobs if j["kind"] == "train"]
+    assert [os.path.basename(j["run"]) for j in t[:4]] == ["resnet18-folder-n2-s3", "resnet18-folder-n6-s3",
+                                                          "resnet18-folder-n2-s4", "resnet18-folder-n6-s4"]
+    assert t[0]["argv"] == ["train.py", "--model", "resnet18", "--data", "folder", "--data-root",
+                            str(tmp_path / "mine"), "--n", "2", "--weights", str(weights), "--img-size", "32",
+                            "--lr", "0.001", "--epochs", "7", "--seed", "3", "--out", t[0]["run"],
+                            "--resume"]  # no --device: auto (a GPU when there is one)
+    assert "--img-size" not in t[4]["argv"] and t[4]["needs"] == []
+    a = [j for j in jobs if j["kind"] == "analyze"]
+    assert ["--ref" in j["argv"] for j in a[:4]] == [False, True, False, True]
+    assert jobs[-1]["argv"][-1] == "png,pdf"
+    study = _sweep_study(tmp_path, "--models", "resnet18", "--seeds", "0 1 2", "--ri-seeds", "1 2", "--ns", "0")
+    runs = [os.path.basename(j["run"]) for j in sweep.plan(study, _SWEEP_FACTS) if j["kind"] == "train"]
+    assert [r for r in runs if "-ri-" in r] == ["resnet18-lesions-ri-s1", "resnet18-lesions-ri-s2"]
+    an = [j for j in sweep.plan(study, _SWEEP_FACTS) if j["kind"] == "analyze"]
+    assert not any("--ref" in j["argv"] for j in an)  # one n: no WT against ST
+
+
+def test_sweep_pending_skips_finished_work(tmp_path):
+    """Re-running skips a finished run (rundir.run_finished) and an analysis whose every file
+    belongs to the run (its run_id; with CKA against --ref when the job has one); the needs left
+    are those of unfinished jobs. An unfinished run, a file of another run_id, a CKA without its
+    ref block are not done."""
+    import sweep
+    study = _sweep_study(tmp_path, "--models", "resnet18", "--seeds", "0", "--ns", "0 N", "--ri-seeds", "none")
+    jobs = sweep.plan(study, _SWEEP_FACTS)
+    target, runs = tmp_path / "runs" / "target", str(tmp_path / "runs")
+    assert [j["id"] for j in sweep.pending(jobs)[0]] == [j["id"] for j in jobs]
+    st = _plots_write_run(str(target), "resnet18", "lesions", 0, 0, analyses=["cka", "knn", "l2", "convergence"])
+    wt = _plots_write_run(str(target), "resnet18", "lesions", 6, 0, analyses=["cka", "knn", "l2", "convergence"])
+    todo, skipped = sweep.pending(jobs)
+    # ST done (run and analyses); WT's analysis lacks reinit and its CKA lacks the ref block; the source is not done
+    assert skipped == 3 and [j["id"] for j in todo] == [f"train {runs}/source/resnet18-shapes",
+                                                        f"analyze {wt}", "figures"]
+    assert todo[1]["needs"] == [] and todo[2]["needs"] == [f"train {runs}/source/resnet18-shapes", f"analyze {wt}"]
+    _plots_write_run(str(target), "resnet18", "lesions", 6, 0, ref=(0, "st"))
+    assert [j["id"] for j in sweep.pending(jobs)[0]] == [f"train {runs}/source/resnet18-shapes", "figures"]
+    # identities: a file written for another run of the same folder is not done
+    for path, run_id in ((os.path.join(st, "config.json"), "a" * 32),
+                         (os.path.join(st, "analysis", "knn.json"), "b" * 32)):
+        with open(path) as f:
+            doc = json.load(f)
+        doc["run_id"] = run_id
+        _plots_dump(path, doc)
+    assert f"analyze {st}" in [j["id"] for j in sweep.pending(jobs)[0]]
+    os.remove(os.path.join(wt, "summary.json"))  # killed: not finished, so neither are its analyses
+    todo = [j["id"] for j in sweep.pending(jobs)[0]]
+    assert f"train {wt}" in todo and f"analyze {wt}" in todo
+
+
+def test_sweep_print_executor(tmp_path):
+    """--executor print: the commands of the jobs left, one per line in dependency order, each a
+    shell line giving back the job's argv; the summary goes to stderr; nothing is written."""
+    import shlex
+    import sweep
+    flags = ["--models", "resnet18:32", "--seeds", "0 1", "--runs", str(tmp_path / "rüns"), "--figures",
+             str(tmp_path / "figs")]
+    res = subprocess.run([sys.executable, "sweep.py", "--executor", "print", *flags], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    jobs = sweep.plan(_sweep_study(tmp_path, *flags[:4], "--runs", str(tmp_path / "rüns")), _SWEEP_FACTS)
+    lines = res.stdout.splitlines()
+    assert [shlex.split(line) for line in lines] == [["python", *j["argv"]] for j in jobs]
+    assert "16 to run" in res.stderr and not (tmp_path / "rüns").exists()
+
+
+def _sweep_job(tmp_path, name, code, needs=()):
+    """A job running a tiny script (no torch): for the executor's own behaviour."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(f"import os, sys, time\n{code}\n")
+    return {"id": f"job {name}", "kind": "train", "argv": [str(script), name], "needs": list(needs), "run": None,
+            "metrics": [], "ref": None, "log": str(tmp_path / "logs" / f"{name}.log")}
+
+
+def test_sweep_local_failure_stops_the_pool(tmp_path):
+    """The first failing job stops every worker at once (a long job is killed, a job waiting on
+    the failed one never starts) and is named with the end of its log; a worker that dies in a
+    job fails that job. Logs are appended, never emptied."""
+    import sweep
+    slow = _sweep_job(tmp_path, "slow", "time.sleep(60)\nopen(sys.argv[1] + '.done', 'w').close()")
+    fail = _sweep_job(tmp_path, "fail", "time.sleep(0.5)\nprint('line 1'); print('boom', file=sys.stderr)\nsys.exit(3)")
+    after = _sweep_job(tmp_path, "after", "open('after.done', 'w').close()", needs=[fail["id"]])
+    os.makedirs(tmp_path / "logs")
+    (tmp_path / "logs" / "fail.log").write_text("an earlier call\n")
+    start = time.time()
+    with pytest.raises(sweep.JobFailed) as e:
+        sweep.run_local([slow, fail, after], [{}, {}])
+    assert time.time() - start < 30  # the slow job was stopped, not waited for
+    assert e.value.job["id"] == "job fail" and e.value.why == "exit 3" and e.value.stopped == ["job slow"]
+    report = e.value.report()
+    assert "sweep.py: job fail failed (exit 3); the end of its log" in report and "boom" in report
+    assert (tmp_path / "logs" / "fail.log").read_text().startswith("an earlier call\n== ")
+    assert not (tmp_path / "slow.done").exists() and not (tmp_path / "after.done").exists()
+    dies = _sweep_job(tmp_path, "dies", "import signal; os.kill(os.getpid(), signal.SIGKILL)")
+    with pytest.raises(sweep.JobFailed) as e:
+        sweep.run_local([dies], [{}])
+    assert e.value.why == "its worker died (signal 9)"
+
+
+def test_sweep_worker_pinning(tmp_path):
+    """One worker per GPU, each pinned with CUDA_VISIBLE_DEVICES (of the visible devices when the
+    parent has a list), round-robin when more workers than GPUs; on CPU the cores are split
+    between the workers; an explicit cuda:K is not re-pinned. The pin reaches the job."""
+    import sweep
+    envs = sweep.worker_envs(None, None, None, gpus=4, cores=16)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "2", "3"] and envs[0]["OMP_NUM_THREADS"] == "4"
+    envs = sweep.worker_envs("cuda", 3, None, gpus=2, cores=8, visible="5,7")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["5", "7", "5"] and envs[0]["OMP_NUM_THREADS"] == "2"
+    envs = sweep.worker_envs("cpu", 2, None, gpus=4, cores=2)
+    assert envs == [{"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}] * 2
+    assert all("CUDA_VISIBLE_DEVICES" not in e for e in sweep.worker_envs("cuda:1", None, 3, gpus=2, cores=8))
+    assert sweep.worker_envs(None, None, None, gpus=0, cores=2) == [{"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}]
+    code = "time.sleep(1); print(os.environ.get('CUDA_VISIBLE_DEVICES'), os.environ['OMP_NUM_THREADS'])"
+    jobs = [_sweep_job(tmp_path, f"pin{i}", code) for i in range(2)]
+    sweep.run_local(jobs, sweep.worker_envs(None, None, None, gpus=2, cores=4, visible="3,4"))
+    seen = sorted((tmp_path / "logs" / f"pin{i}.log").read_text().splitlines()[-1] for i in range(2))
+    assert seen == ["3 2", "4 2"]  # each job on its own worker's GPU (the jobs overlap: one per worker)
+
+
+def test_sweep_bad_input(tmp_path, capsys, monkeypatch):
+    """Bad input is one line naming the flag and the value, exit 2, nothing written or submitted:
+    unknown model, bad numbers, --ns beyond N, --weights offline, SLURM flags with another executor,
+    sbatch missing, a partition that does not exist, --gpus-per-job on a CPU sweep."""
+    import sweep
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool, body in (("sinfo", "echo ci"), ("squeue", "true"), ("sbatch", "echo \"$@\" >> %s/sbatch.log; echo 7"
+                                                                        % tmp_path)):
+        (fake / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / tool).chmod(0o755)
+    runs = ["--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "figs")]
+    cases = [
+        ([], ["--models", "resnet18 vgg16"], "--models entry vgg16 at size 224: unknown model 'vgg16'"),
+        ([], ["--seeds", "0 x"], "--seeds x: expected a whole number >= 0"),
+        ([], ["--models", "resnet18:32:fast"], "--models entry 'resnet18:32:fast': lr fast: expected a finite "
+                                                "number > 0"),
+        ([], ["--ns", "0 9", "--models", "resnet18"], "--ns 0 9: n = 9 is more than resnet18's N = 6 module groups"),
+        ([], ["--workers", "0"], "--workers 0: expected a whole number >= 1"),
+        ([], ["--weights", "x.pt"], "--weights x.pt: only with --data"),
+        ([], ["--data", "aptos"], "--data aptos: needs --data-root"),
+        ([], ["--partition", "gpu"], "--partition: not used by --executor local"),
+        (["/usr/bin/nothing"], ["--executor", "slurm"], "--executor slurm: sbatch not found"),
+        ([str(fake)], ["--executor", "slurm", "--partition", "gpu"], "--partition gpu: no such partition (this "
+                                                                      "cluster has: ci)"),
+        ([str(fake)], ["--executor", "slurm", "--gpus-per-job", "1"], "--gpus-per-job 1: the sweep runs on the CPU"),
+        ([str(fake)], ["--executor", "slurm", "--time", "soon"], "--time soon: expected a SLURM time"),
+    ]
+    for path, flags, error in cases:
+        if path:
+            monkeypatch.setenv("PATH", os.pathsep.join(path))
+        else:
+            monkeypatch.delenv("PATH", raising=False)
+            monkeypatch.setenv("PATH", "/usr/bin:/bin")
+        assert sweep.main([*runs, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("sweep.py: ") and error in err and len(err.splitlines()) == 1, (flags, err)
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "sbatch.log").exists()
+
+
+def test_sweep_second_sweep_refused(tmp_path, capsys):
+    """One sweep per --runs folder: a second one gets one line naming the first (exit 2). A run
+    being written by another process (train.py's lock) refuses the sweep before it starts."""
+    import sweep
+    runs = tmp_path / "runs"
+    flags = ["--runs", str(runs), "--figures", str(tmp_path / "figs"), "--models", "resnet18:32", "--seeds", "0"]
+    with rundir.RunLock(runs, "sweep.py", "--runs"):
+        assert sweep.main(flags) == 2
+    err = capsys.readouterr().err
+    assert "another sweep is using this folder (sweep.py pid" in err and len(err.splitlines()) == 1, err
+    run = runs / "target" / "resnet18-lesions-n0-s0"
+    with rundir.RunLock(run, "train.py"):
+        assert sweep.main(flags) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: another process is writing this run (train.py pid {os.getpid()}" in err, err
+    assert len(err.splitlines()) == 1 and not (runs / "logs").exists()
+
+
+def test_sweep_slurm_submission(tmp_path, capsys, monkeypatch):
+    """--executor slurm with fake sbatch/squeue: the resources checked first (sbatch --test-only),
+    then one job array per stage after the stages it needs (afterok), each task running
+    `sweep.py --run-task <stage file>`; a re-run refuses while the sweep is queued, then names the
+    failed, killed and never-started tasks with their logs and submits what is left."""
+    import shlex
+    import sweep
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    queue = tmp_path / "queue"
+    queue.write_text("")
+    scripts = {"sinfo": "echo ci",
+               "squeue": f"cat {queue}",
+               "sbatch": f"n=$(ls {tmp_path}/calls | wc -l); printf '%s\\n' \"$@\" > {tmp_path}/calls/$n; "
+                         "echo $((101 + n))"}  # one file per call, one argument a line; job ids 101, 102, ...
+    (tmp_path / "calls").mkdir()
+    for tool, body in scripts.items():
+        (fake / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    flags = ["--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "figs"), "--models", "resnet18:32",
+             "--seeds", "0", "--ns", "0 N", "--executor", "slurm", "--cpus-per-job", "2", "--time", "1:00:00",
+             "--slurm-extra=--qos=short"]
+    assert sweep.main(flags) == 0
+    out = capsys.readouterr().out
+    calls = [(tmp_path / "calls" / str(i)).read_text().splitlines() for i in range(len(os.listdir(tmp_path / "calls")))]
+    assert "--test-only" in calls[0] and len(calls) == 1 + 4  # 4 stages by the longest chain of needs
+    arrays = [next(a for a in c if a.startswith("--array=")) for c in calls[1:]]
+    assert arrays == ["--array=0-1", "--array=0-2", "--array=0-1", "--array=0-0"]
+    deps = [next((a for a in c if a.startswith("--dependency=")), None) for c in calls[1:]]
+    assert deps == [None, "--dependency=afterok:102", "--dependency=afterok:103", "--dependency=afterok:102:103:104"]
+    for c, array in zip(calls[1:], arrays):
+        assert {"--cpus-per-task=2", "--time=1:00:00", "--qos=short"} <= set(c)
+        wrap = shlex.split(c[c.index("--wrap") + 1])  # the task: sweep.py reading its stage file, no shell logic
+        assert wrap[0] == sys.executable and wrap[1:3] == [os.path.join(ROOT, "sweep.py"), "--run-task"]
+        assert len(rundir.read_json(wrap[3])["jobs"]) == int(array.split("-")[-1]) + 1
+    assert all("--kill-on-invalid-dep=yes" in c for c in calls[2:])
+    record = rundir.read_json(tmp_path / "runs" / "logs" / "slurm" / "submitted.json")
+    assert [s["job_id"] for s in record["stages"]] == ["102", "103", "104", "105"]
+    assert [[j["kind"] for j in s["jobs"]] for s in record["stages"]] == [  # source and RI; runs and RI's analysis
+        ["train", "train"], ["train", "train", "analyze"], ["analyze", "analyze"], ["figures"]]
+    assert "follow: squeue -j 102,103,104,105" in out
+    queue.write_text("103\n")
+    assert sweep.main(flags) == 2
+    assert "is still in the queue (jobs 103)" in capsys.readouterr().err
+    queue.write_text("")
+    folder = os.path.dirname(record["stages"][0]["file"])
+    for name, text in (("stage0_0.rc", "0\n"), ("stage0_1.rc", "2\n"), ("stage1_0.out", "")):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    assert sweep.main(flags) == 0
+    out = capsys.readouterr().out
+    assert "left 7 task(s) unfinished" in out
+    ri = record["stages"][0]["jobs"][1]
+    assert f"  failed (exit 2): {ri['id']}: log {ri['log']}\n" in out
+    assert f"  killed (time limit, memory or scancel): {record['stages'][1]['jobs'][0]['id']}" in out
+    assert "  not started (a stage it needs failed): figures" in out
+
+
+def _slurm_missing():
+    """Why SLURM cannot run here (None when sbatch is there and a controller answers)."""
+    if shutil.which("sbatch") is None:
+        return "SLURM absent: sbatch not found"
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"SLURM absent: sinfo failed ({e})"
+    if res.returncode != 0 or not res.stdout.strip():
+        return f"SLURM absent: no controller answers (sinfo: {(res.stderr.strip() or 'no nodes')[:200]})"
+    return None
+
+
+def _slurm_submit(flags):
+    """Submit a sweep and wait until its job arrays leave the queue; returns sweep.py's output."""
+    import re
+    res = subprocess.run([sys.executable, "sweep.py", "--executor", "slurm", *flags], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ids = re.findall(r"job array (\d+)", res.stdout)
+    assert ids, res.stdout
+    deadline = time.time() + 1200
+    while set(ids) & set(subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True).stdout.split()):
+        assert time.time() < deadline, f"SLURM jobs {ids} still queued after 1200 s"
+        time.sleep(2)
+    print(res.stdout)  # the CI log (pytest -s, or a failure) shows the submission
+    return res.stdout
+
+
+def _sweep_results(runs, figures):
+    """Every summary.json without its timing fields, and findings.json."""
+    import sweep
+    summaries = {}
+    for path in sorted(Path(runs).rglob("summary.json")):
+        doc = json.loads(path.read_text())
+        summaries[str(path.relative_to(runs))] = {k: v for k, v in doc.items() if k not in sweep.TIMING}
+    return summaries, json.loads((Path(figures) / "findings.json").read_text())
+
+
+def test_sweep_slurm_matches_local(tmp_path):
+    """A tiny sweep (one model, 2 seeds, --subset, 1 epoch) submitted to SLURM (one job array per
+    stage, afterok) gives the same summary.json files (minus timings) and findings.json as the
+    local executor; submitting the same command again runs only the figures. Skips where SLURM is
+    absent; .ci/run starts a one-node cluster and sets WTST_REQUIRE_SLURM=1 (then it must run)."""
+    why = _slurm_missing()
+    if why:
+        if os.environ.get("WTST_REQUIRE_SLURM") == "1":
+            pytest.fail(f"WTST_REQUIRE_SLURM=1 (.ci/run) but {why}")
+        pytest.skip(why)
+    tiny = ["--models", "resnet18:32::::1:16", "--seeds", "0 1", "--ns", "0 N", "--subset", "32", "--source-epochs",
+            "1", "--warmup", "2"]
+    local = subprocess.run([sys.executable, "sweep.py", *tiny, "--runs", str(tmp_path / "local"), "--figures",
+                            str(tmp_path / "local-figs"), "--workers", "2", "--threads", "1"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=900)
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    flags = [*tiny, "--runs", str(tmp_path / "slurm"), "--figures", str(tmp_path / "slurm-figs"), "--cpus-per-job", "1"]
+    out = _slurm_submit(flags)
+    assert "12 to run" in out and "job array" in out
+    again = _slurm_submit(flags)  # everything finished: only the figures are drawn again; no task failed
+    assert "11 finished before (skipped), 1 to run" in again and "unfinished" not in again, again
+    slurm, local = _sweep_results(tmp_path / "slurm", tmp_path / "slurm-figs"), \
+        _sweep_results(tmp_path / "local", tmp_path / "local-figs")
+    assert len(slurm[0]) == 1 + 5 and slurm[0].keys() == local[0].keys()  # the source and 5 target runs
+    assert slurm == local
