@@ -480,11 +480,11 @@ def bench_knn(argv):
     state = args.queries * args.k * 8  # the running top-k: float32 similarity + int32 index per neighbour
     runs = [(f"ours, query chunks of {args.chunk_size}",
              lambda: metrics.knn_predict(bank, yb, queries, args.k, num_classes=args.classes, chunk_size=args.chunk_size),
-             (args.chunk_size * args.bank + args.bank * args.dim) * 4 + state),  # sims chunk + normalised bank
+             (args.chunk_size * (2 * args.bank + args.k) + args.bank * args.dim) * 4 + state),  # sims + candidates
             (f"ours, + bank chunks of {args.bank_chunk_size}",
              lambda: metrics.knn_predict(bank, yb, queries, args.k, num_classes=args.classes,
                                          chunk_size=args.chunk_size, bank_chunk_size=args.bank_chunk_size),
-             (args.chunk_size * (args.bank_chunk_size + 2 * args.k) + args.bank_chunk_size * args.dim) * 4 + state),
+             (args.chunk_size * (2 * args.bank_chunk_size + args.k) + args.bank_chunk_size * args.dim) * 4 + state),
             ("brute force: full similarity matrix, one-hot vote",
              lambda: _bench_metrics_knn_bruteforce(bank, yb, queries, args.k, 0.1, args.classes),
              (args.queries * args.bank + (args.bank + args.queries) * args.dim
