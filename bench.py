@@ -23,7 +23,7 @@ ours (one Gram per layer per batch, one matrix product) against (a) the original
 approach written plainly (both Grams recomputed for every layer pair and batch, mean over
 batches) and (b) the PyPI package pytorch-cka (minibatch CKA) when it is installed. The
 ceiling 2 La Lb / (La + Lb) is the speed-up if forming Grams were all the work: (a) forms
-2 La Lb per batch, ours La + Lb. `--threads 1` is steadier on a shared machine.
+2 La Lb per batch, ours La + Lb (each with 3/4 of the multiply-adds: the Gram is symmetric).
 knn_memory: analyze.py --metric knn in subprocesses on checkpoint weights (--subset on the
 training side only changes the bank: the test split is smaller than the subset), peak RSS
 from wait4. analyze: tiny train.py runs in a temp folder; the floor is plain torch loops over
@@ -421,16 +421,16 @@ def bench_cka(argv):
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3, help="timed runs of ours (median), around the one run of (a)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is steadier "
-                                                              "on a shared machine)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a busy machine 2 "
+                                                           "threads wait on each other at every op, a cost that "
+                                                           "grows with the number of ops, not the work)")
     ap.add_argument("--layers", default="deit_s,resnet50",
                     help=f"comma-separated layer sets from {sorted(_METRICS_LAYER_SETS)}")
     ap.add_argument("--resnet-downscale", type=int, default=2,
                     help="divide the CNN layers' H and W by this; default 2 (a 112 px input) keeps the CPU run to a few minutes, 1 gives the 224 px shapes")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     print(f"CKA all pairs, device {args.device}, {torch.get_num_threads()} CPU threads")
     for name in args.layers.split(","):
         if name not in _METRICS_LAYER_SETS:
