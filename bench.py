@@ -2,8 +2,12 @@
 
     python bench.py models   # forward+backward of models.py vs torchvision/timm (goal: ratio <= 1.05)
     python bench.py data     # epoch from the pre-resized cache vs decoding the originals (goal: >= 10x)
-    python bench.py cka      # all-pairs CKA vs the original per-pair code and pytorch-cka (goal: >= 20x vs a)
+    python bench.py cka      # all-pairs CKA vs the original per-pair code (goal: >= 90% of the ceiling
+                         # 2 La Lb / (La + Lb)) and pytorch-cka; accuracy vs all-float64 (goal: 1e-8)
     python bench.py knn      # chunked k-NN vs a brute-force full similarity matrix (memory, time)
+    python bench.py knn_memory  # analyze --metric knn peak memory, 500 vs 3,840 bank images (goal: growth
+                                # < 1/4 of a bank in memory); the CheXpert DeiT-S figure
+    python bench.py analyze  # analyze --metric all vs its forward-pass floor on tiny runs (goal: <= 1.5x)
     python bench.py train    # train.py's loop vs a bare minimal loop (goal: overhead <= 5%)
     python bench.py sweep    # sweep.py's local executor: time outside the jobs (goal: <= 5%), and
                              # jobs run in the workers' processes vs one `python train.py` process each
@@ -19,16 +23,28 @@ and from the cache. The originals were just written and sit in the page cache, w
 cka: DeiT-S-shaped (25 layers of [n, 197, 384]) and ResNet50-shaped (17 layers) activations;
 ours (one Gram per layer per batch, one matrix product) against (a) the original code's
 approach written plainly (both Grams recomputed for every layer pair and batch, mean over
-batches) and (b) the PyPI package pytorch-cka (minibatch CKA) when it is installed.
+batches) and (b) the PyPI package pytorch-cka (minibatch CKA) when it is installed. The
+ceiling 2 La Lb / (La + Lb) is the speed-up if forming Grams were all the work: (a) forms
+2 La Lb per batch, ours La + Lb (each with 3/4 of the multiply-adds: the Gram is symmetric).
+knn_memory: analyze.py --metric knn in subprocesses on checkpoint weights (--subset on the
+training side only changes the bank: the test split is smaller than the subset), peak RSS
+from wait4. analyze: tiny train.py runs in a temp folder; the floor is plain torch loops over
+the same data (see _bench_analyze_floor); analysis and floor alternate, 1 thread by default.
 """
 import argparse
+import contextlib
 import copy
+import io
+import json
 import multiprocessing
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -318,9 +334,32 @@ def _bench_metrics_pytorch_cka(batches, la, lb, device):
         return None
 
 
+def _bench_metrics_float64_minibatch(batches, la, lb):
+    """Independent all-float64 reference: features centred in float64, Grams x x^T, the
+    original code's unbiased centring, ratio of summed HSIC (the minibatch estimator)."""
+    cross, sa, sb = np.zeros((la, lb)), np.zeros(la), np.zeros(lb)
+    for acts_a, acts_b in batches:
+        grams = [[_bench_metrics_original_center(x @ x.T).reshape(-1).cpu().numpy()
+                  for x in (a.flatten(1).double() - a.flatten(1).double().mean(0) for a in acts)]
+                 for acts in (acts_a, acts_b)]
+        ga, gb = np.stack(grams[0]), np.stack(grams[1])
+        cross += ga @ gb.T
+        sa += (ga * ga).sum(1)
+        sb += (gb * gb).sum(1)
+    return cross / np.sqrt(np.outer(sa, sb))
+
+
+def _bench_metrics_cka_ours(batches, la, lb):
+    acc = metrics.CKAAccumulator(la, lb, debiased=True, mode="mean")
+    for acts_a, acts_b in batches:
+        acc.update([metrics.centered_gram(x) for x in acts_a], [metrics.centered_gram(y) for y in acts_b])
+    return acc
+
+
 def _bench_metrics_cka_one(name, shapes, args):
     la = lb = len(shapes)
     dev, n = args.device, args.batch_size
+    ceiling = 2 * la * lb / (la + lb)
     print(f"\n== {name}: {la} x {lb} layers, {args.batches} batches of {n}, "
           f"{sum(int(np.prod(s)) for s in shapes) / 1e6:.2f}M features/sample/model, device {dev}")
     batches = [(_bench_metrics_acts(shapes, n, b, "a", args.seed, dev),
@@ -328,34 +367,45 @@ def _bench_metrics_cka_one(name, shapes, args):
     # first calls per shape pay one-off library set-up (kernel selection/JIT): warm up, untimed
     metrics.CKAAccumulator(la, lb).update_activations(*batches[0])
 
-    # ours: one Gram per layer per batch, then one (L_a, n^2) x (n^2, L_b) product per batch
-    acc = metrics.CKAAccumulator(la, lb, debiased=True, mode="mean")
-    with _BenchMetricsTimer(dev) as t_ours:
-        for acts_a, acts_b in batches:
-            acc.update([metrics.centered_gram(x) for x in acts_a], [metrics.centered_gram(y) for y in acts_b])
-        ours_mean = acc.compute()
+    # ours: one Gram per layer per batch, then one (L_a, n^2) x (n^2, L_b) product per batch;
+    # --reps runs around the single (long) run of (a), the median taken
+    t_ours = []
+    for rep in range(args.reps):
+        if rep == 1:
+            # (a) original approach: per pair and per batch, both Grams recomputed
+            with _BenchMetricsTimer(dev) as t_orig:
+                per_batch = []
+                for acts_a, acts_b in batches:
+                    sim = torch.zeros(la, lb, dtype=torch.float64)
+                    for i in range(la):
+                        for j in range(lb):
+                            sim[i, j] = _bench_metrics_original_cka(acts_a[i].flatten(1), acts_b[j].flatten(1))
+                    per_batch.append(sim)
+                orig = torch.stack(per_batch).mean(0).numpy()
+        with _BenchMetricsTimer(dev) as t:
+            acc = _bench_metrics_cka_ours(batches, la, lb)
+            ours_mean = acc.compute()
+        t_ours.append(t)
+    wall, cpu = (statistics.median(getattr(t, k) for t in t_ours) for k in ("wall", "cpu"))
+    t_ours = types.SimpleNamespace(wall=wall, cpu=cpu)
     ours_mb = metrics.CKAAccumulator(la, lb, mode="minibatch").merge(acc).compute()
 
-    # (a) original approach: per pair and per batch, both Grams recomputed
-    with _BenchMetricsTimer(dev) as t_orig:
-        per_batch = []
-        for acts_a, acts_b in batches:
-            sim = torch.zeros(la, lb, dtype=torch.float64)
-            for i in range(la):
-                for j in range(lb):
-                    sim[i, j] = _bench_metrics_original_cka(acts_a[i].flatten(1), acts_b[j].flatten(1))
-            per_batch.append(sim)
-        orig = torch.stack(per_batch).mean(0).numpy()
-
     res_b = _bench_metrics_pytorch_cka(batches, la, lb, dev)
+    ref = _bench_metrics_float64_minibatch(batches, la, lb)
     print(f"  CKA range (ours, minibatch): {np.nanmin(ours_mb):.3f} .. {np.nanmax(ours_mb):.3f}")
     print(f"  {'method':55s} {'wall s':>7s} {'cpu s':>7s} {'x faster (wall/cpu)':>20s} {'max |diff|':>10s}")
     row = lambda name, t, diff: print(f"  {name:55s} {t.wall:7.2f} {t.cpu:7.2f} "
                                       f"{t.wall / t_ours.wall:9.1f} / {t.cpu / t_ours.cpu:8.1f} {diff:>10s}")
-    row("ours (Gram once per layer, G_a G_b^T), mean+minibatch", t_ours, "-")
+    row(f"ours (Gram once per layer, G_a G_b^T), median of {args.reps}", t_ours, "-")
     d_orig = np.abs(ours_mean - orig).max()
     row("(a) original: per-pair Grams, mean of per-batch CKA", t_orig, f"{d_orig:.2e}")
     print(f"      (a) vs ours mode='mean': {'OK' if d_orig < 1e-6 else 'MISMATCH'} (tolerance 1e-6)")
+    print(f"      ceiling 2 La Lb / (La + Lb) = {ceiling:.1f}x (every Gram formed once instead of twice per pair);"
+          f" ours reaches {t_orig.wall / t_ours.wall / ceiling:.0%} of it (wall), "
+          f"{t_orig.cpu / t_ours.cpu / ceiling:.0%} (cpu) (goal >= 90%)")
+    d_ref = np.abs(ref - ours_mb).max()
+    print(f"      ours minibatch vs an all-float64 reference: {d_ref:.2e} "
+          f"({'OK' if d_ref < 1e-8 else 'MISMATCH'}, tolerance 1e-8)")
     if res_b is not None:
         t_b, vals_b = res_b
         d_b = np.abs(ours_mb - vals_b).max()
@@ -363,14 +413,7 @@ def _bench_metrics_cka_one(name, shapes, args):
         print(f"      (b) vs ours mode='minibatch': {'OK' if d_b < 1e-6 else 'differs by more than 1e-6'}")
         if d_b >= 1e-6:
             print("      pytorch-cka forms uncentred float32 Grams and float32 HSIC sums (then clamps to [0, 1]);"
-                  " the gap is its rounding, see the float64 check below")
-            ref = metrics.CKAAccumulator(la, lb, mode="minibatch")
-            for acts_a, acts_b in batches:
-                ref.update([metrics.centered_gram(x, dtype=torch.float64) for x in acts_a],
-                           [metrics.centered_gram(y, dtype=torch.float64) for y in acts_b])
-            ref = ref.compute()
-            print(f"      all-float64 minibatch vs ours: {np.abs(ref - ours_mb).max():.2e}; "
-                  f"vs pytorch-cka: {np.abs(ref - vals_b).max():.2e}")
+                  f" the gap is its rounding: all-float64 reference vs pytorch-cka {np.abs(ref - vals_b).max():.2e}")
     return t_ours.wall, t_orig.wall
 
 
@@ -379,12 +422,18 @@ def bench_cka(argv):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3, help="timed runs of ours (median), around the one run of (a)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a busy machine 2 "
+                                                           "threads wait on each other at every op, a cost that "
+                                                           "grows with the number of ops, not the work)")
     ap.add_argument("--layers", default="deit_s,resnet50",
                     help=f"comma-separated layer sets from {sorted(_METRICS_LAYER_SETS)}")
     ap.add_argument("--resnet-downscale", type=int, default=2,
                     help="divide the CNN layers' H and W by this; default 2 (a 112 px input) keeps the CPU run to a few minutes, 1 gives the 224 px shapes")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"CKA all pairs, device {args.device}, {torch.get_num_threads()} CPU threads")
     for name in args.layers.split(","):
         if name not in _METRICS_LAYER_SETS:
             raise ValueError(f"--layers: unknown layer set {name!r}; expected some of {sorted(_METRICS_LAYER_SETS)}")
@@ -430,13 +479,14 @@ def bench_knn(argv):
     cuda = torch.device(args.device).type == "cuda"
     print(f"\n== k-NN: bank {args.bank} x {args.dim}, {args.queries} queries, k={args.k}, "
           f"{args.classes} classes, device {args.device}")
-    runs = [("ours, query chunks of %d" % args.chunk_size,
+    state = args.queries * args.k * 8  # the running top-k: float32 similarity + int32 index per neighbour
+    runs = [(f"ours, query chunks of {args.chunk_size}",
              lambda: metrics.knn_predict(bank, yb, queries, args.k, num_classes=args.classes, chunk_size=args.chunk_size),
-             (args.chunk_size * args.bank + args.bank * args.dim) * 4),  # sims chunk + normalised bank
-            ("ours, + bank chunks of %d" % args.bank_chunk_size,
+             (args.chunk_size * (2 * args.bank + args.k) + args.bank * args.dim) * 4 + state),  # sims + candidates
+            (f"ours, + bank chunks of {args.bank_chunk_size}",
              lambda: metrics.knn_predict(bank, yb, queries, args.k, num_classes=args.classes,
                                          chunk_size=args.chunk_size, bank_chunk_size=args.bank_chunk_size),
-             (args.chunk_size * (args.bank_chunk_size + 2 * args.k) + args.bank * args.dim) * 4),
+             (args.chunk_size * (2 * args.bank_chunk_size + args.k) + args.bank_chunk_size * args.dim) * 4 + state),
             ("brute force: full similarity matrix, one-hot vote",
              lambda: _bench_metrics_knn_bruteforce(bank, yb, queries, args.k, 0.1, args.classes),
              (args.queries * args.bank + (args.bank + args.queries) * args.dim
@@ -460,6 +510,190 @@ def bench_knn(argv):
           " so runs are measured in order and a later run only shows growth beyond the earlier peaks)")
     print(f"  brute force / ours wall time: {out[-1][1].wall / out[0][1].wall:.2f}x (query chunks), "
           f"{out[-1][1].wall / out[1][1].wall:.2f}x (query + bank chunks)")
+
+
+# ========================================================================================
+# analyze: the whole analysis against its forward-pass floor; k-NN memory against the bank
+# ========================================================================================
+def _bench_analyze_run(out, model, size, subset, data_name):
+    """A tiny finished run to analyse: train.py, RI, one epoch (its output silenced)."""
+    import train
+    argv = ["--model", model, "--data", data_name, "--init", "ri", "--img-size", str(size), "--subset", str(subset),
+            "--epochs", "1", "--batch-size", "32", "--warmup", "2", "--device", "cpu", "--workers", "0", "--out", out]
+    with contextlib.redirect_stdout(io.StringIO()):
+        if train.main(argv) != 0:
+            raise RuntimeError(f"bench.py: train.py {' '.join(argv)} failed")
+    return out
+
+
+def _bench_analyze_analysis(run, batch_size):
+    """analyze.py --metric all on the run, in this process (imports excluded), stdout silenced."""
+    import analyze
+    with _BenchMetricsTimer("cpu") as t, contextlib.redirect_stdout(io.StringIO()):
+        if analyze.main(["--run", run, "--metric", "all", "--device", "cpu", "--batch-size", str(batch_size)]) != 0:
+            raise RuntimeError(f"bench.py: analyze.py --run {run} failed")
+    return t
+
+
+@torch.no_grad()
+def _bench_analyze_floor(run, batch_size):
+    """The forward passes analyze --metric all cannot avoid, as plain loops over the same data
+    (loading included): the test split through the fine-tuned and the initial model (the
+    shared pass: CKA, k-NN queries, attention), the training split through the fine-tuned model
+    (the k-NN bank), and per feature layer the fine-tuned model's stages from that layer's on
+    (re-init; the stage inputs are the fine-tuned model's test forward, counted once above).
+    Returns {part: timer}."""
+    import analyze
+    cfg, _ = analyze.load_run(run)
+    train_ds, _, test_ds, _ = data.load_splits(cfg, eval_train=True)
+    final, initial = (analyze.load_model(cfg["model"], cfg["num_classes"], cfg["img_size"],
+                                         str(Path(run) / f"{w}.pt"), w, False) for w in ("best", "init"))
+    batches = lambda ds: torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    parts = {}
+    with _BenchMetricsTimer("cpu") as parts["test split, fine-tuned + initial model"]:
+        for x, _ in batches(test_ds):
+            final(x)
+            initial(x)
+    with _BenchMetricsTimer("cpu") as parts["training split (k-NN bank), fine-tuned model"]:
+        for x, _ in batches(train_ds):
+            final(x)
+    stages, head = final.forward_stages()
+    starts = [analyze.stage_of(stages, layer) for layer in final.feature_layers()]
+    wall = cpu = 0.0
+    for x, _ in batches(test_ds):
+        h = [x]
+        for _, fn in stages:
+            h.append(fn(h[-1]))
+        with _BenchMetricsTimer("cpu") as t:
+            for s in starts:
+                z = h[s]
+                for _, fn in stages[s:]:
+                    z = fn(z)
+                head(z)
+        wall, cpu = wall + t.wall, cpu + t.cpu
+    parts[f"re-init: stages from each of {len(starts)} layers on, test split"] = types.SimpleNamespace(wall=wall,
+                                                                                                        cpu=cpu)
+    return parts
+
+
+def bench_analyze(argv):
+    """analyze.py --metric all on a tiny run of each model against the forward passes it needs
+    (goal: ratio <= 1.5). Analysis and floor alternate --reps times; medians."""
+    ap = argparse.ArgumentParser(prog="bench.py analyze", description=bench_analyze.__doc__)
+    ap.add_argument("--models", default="deit_t,resnet18")
+    ap.add_argument("--data", default="shapes")
+    ap.add_argument("--size", type=int, default=48, help="image size (default 48)")
+    ap.add_argument("--subset", type=int, default=256, help="images per split (default 256)")
+    ap.add_argument("--batch-size", type=int, default=128, help="analyze.py's --batch-size (default 128)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady on a shared "
+                                                           "machine, where 2 threads wait on each other)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"analyze.py --metric all vs its forward-pass floor: {args.data} at {args.size} px, --subset {args.subset}, "
+          f"batch {args.batch_size}, cpu, {torch.get_num_threads()} threads, median of {args.reps}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            run = _bench_analyze_run(str(Path(tmp) / name), name, args.size, args.subset, args.data)
+            _bench_analyze_analysis(run, args.batch_size)  # warm-up: first calls set up kernels
+            analysis, floors = [], []
+            for _ in range(args.reps):
+                analysis.append(_bench_analyze_analysis(run, args.batch_size))
+                floors.append(_bench_analyze_floor(run, args.batch_size))
+            med = lambda ts, k: statistics.median(getattr(t, k) for t in ts)
+            print(f"\n== {name}")
+            for part in floors[0]:
+                print(f"  floor: {part:58s} {med([f[part] for f in floors], 'wall'):7.2f} s wall "
+                      f"{med([f[part] for f in floors], 'cpu'):7.2f} s cpu")
+            totals = [types.SimpleNamespace(wall=sum(t.wall for t in f.values()), cpu=sum(t.cpu for t in f.values()))
+                      for f in floors]
+            fw, fc, aw, ac = med(totals, "wall"), med(totals, "cpu"), med(analysis, "wall"), med(analysis, "cpu")
+            spread = max(a.wall / f.wall for a, f in zip(analysis, totals)) - min(
+                a.wall / f.wall for a, f in zip(analysis, totals))
+            print(f"  floor: {'total':58s} {fw:7.2f} s wall {fc:7.2f} s cpu")
+            print(f"  analyze.py --metric all (in-process, imports excluded)       {aw:7.2f} s wall {ac:7.2f} s cpu")
+            print(f"  ratio analysis / floor: {aw / fw:.2f}x wall, {ac / fc:.2f}x cpu "
+                  f"(per-rep wall ratios spread {spread:.2f}) (goal <= 1.5x)")
+            rows.append((name, aw / fw, ac / fc))
+    return rows
+
+
+def _bench_knn_memory_peak(argv):
+    """Peak RSS (MiB) of one analyze.py process: its own ru_maxrss, read with wait4."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("analyze.py"))] + argv,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.py: analyze.py {' '.join(argv)} failed: {err.strip()[-500:]}")
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def _bench_knn_memory_dims(name, size):
+    """Pooled k-NN features per image: (float count over every feature layer and type,
+    number of (layer, type) pairs), from one forward."""
+    model = models.create_model(name, img_size=size).eval()
+    with metrics.capture(model, model.feature_layers(), lambda n, o: model.pooled_views(n, o)) as acts, \
+            torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    return sum(v.shape[1] for a in acts.values() for v in a.values()), sum(len(a) for a in acts.values())
+
+
+def bench_knn_memory(argv):
+    """Peak memory of analyze.py --metric knn with a small and a full training split (the
+    bank), each in its own process, against what a bank held in memory would add (goal:
+    growth < 1/4 of it); then the CheXpert DeiT-S figure from the same memory model."""
+    ap = argparse.ArgumentParser(prog="bench.py knn_memory", description=bench_knn_memory.__doc__)
+    ap.add_argument("--model", default="deit_t")
+    ap.add_argument("--data", default="shapes")
+    ap.add_argument("--size", type=int, default=48)
+    ap.add_argument("--small", type=int, default=500, help="training images of the small bank (--subset)")
+    ap.add_argument("--k", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=3, help="runs of each size; the figures are medians")
+    args = ap.parse_args(argv)
+    per_image, pairs = _bench_knn_memory_dims(args.model, args.size)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        weights = Path(tmp) / "weights.pt"
+        torch.save({"model": models.create_model(args.model, img_size=args.size).state_dict()}, weights)
+        common = ["--model", args.model, "--weights", str(weights), "--data", args.data, "--img-size", str(args.size),
+                  "--metric", "knn", "--k", str(args.k), "--device", "cpu", "--out"]
+        peaks, sizes = {}, {}
+        for label, extra in (("small", ["--subset", str(args.small)]), ("full", [])):
+            out = Path(tmp) / label
+            runs = [_bench_knn_memory_peak(common + [str(out)] + extra) for _ in range(args.reps)]
+            peaks[label] = (statistics.median(runs), max(runs) - min(runs))
+            doc = json.loads((out / "analysis" / "knn.json").read_text())
+            sizes[label] = (doc["settings"]["bank_images"], doc["settings"]["query_images"])
+    (n_small, n_query), (n_full, _) = sizes["small"], sizes["full"]
+    mib = 2 ** 20
+    bank_extra = (n_full - n_small) * per_image * 4 / mib
+    growth = peaks["full"][0] - peaks["small"][0]
+    print(f"k-NN memory: analyze.py --metric knn, {args.model} at {args.size} px on {args.data}, k={args.k}, "
+          f"{n_query} query images, {per_image} pooled floats per image over {pairs} (layer, type) pairs; "
+          f"peak RSS of each process (median of {args.reps}, spread in brackets)")
+    for label in ("small", "full"):
+        print(f"  bank of {sizes[label][0]:6d} training images: peak {peaks[label][0]:7.0f} MiB "
+              f"({peaks[label][1]:.0f})")
+    print(f"  growth {growth:.0f} MiB for {n_full - n_small} more bank images; a bank held in memory adds "
+          f"{bank_extra:.0f} MiB (float32): {growth / bank_extra:.1%} of it (goal < 25%)")
+    queries = n_query * per_image * 4 / mib
+    state = n_query * pairs * args.k * 8 / mib
+    fixed = peaks["full"][0] - queries - state
+    print(f"  memory model: queries {queries:.0f} MiB + top-k state {state:.0f} MiB (k float32 + int32 per query and "
+          f"pair) + the rest {fixed:.0f} MiB (torch, model, data, one batch), none of it growing with the bank")
+    # CheXpert: 224,316 images, 0.2 of the patients held out, half of them test (data.py)
+    s_per_image, s_pairs = _bench_knn_memory_dims("deit_s", 224)
+    n_test, n_train = 224316 // 10, 224316 - 2 * (224316 // 10)
+    gb = 1e9
+    print(f"  CheXpert, DeiT-S (~{n_train} training, ~{n_test} test images, {s_per_image} floats per image, "
+          f"k={args.k}): queries {n_test * s_per_image * 4 / gb:.1f} GB + top-k state "
+          f"{n_test * s_pairs * args.k * 8 / gb:.1f} GB + a fixed working set (model, one batch of activations); "
+          f"a bank in memory would add {n_train * s_per_image * 4 / gb:.1f} GB")
+    return peaks, sizes
 
 
 # ========================================================================================
@@ -625,7 +859,7 @@ def bench_sweep(argv):
 
 
 BENCHES = {"models": bench_models, "data": bench_data, "cka": bench_cka, "knn": bench_knn, "train": bench_train,
-           "sweep": bench_sweep}
+           "analyze": bench_analyze, "knn_memory": bench_knn_memory, "sweep": bench_sweep}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:

@@ -80,29 +80,58 @@ def _gram_dtype(x, dtype):
     return torch.float32
 
 
+# bytes of one column block of the batch in a Gram: on a CPU it stays in cache while it is
+# shifted, centred and multiplied, so centring costs no second trip to memory (measured on a
+# 2-core EPYC, 1 MB L2 per core: 1-4 MB blocks within 10% of each other, 2 MB best with 2
+# threads, 8-16 MB up to 1.6x slower); on a GPU few blocks (each costs kernel launches)
+_GRAM_BLOCK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 24}
+
+
+def _centred_gram_blocks(x):
+    """X_c X_c^T in float64 for X (n, d), X_c = X centred over the batch, from column blocks:
+    each block is shifted by its first row (a constant column becomes exactly zero), then
+    centred (column means are per column, so centring block by block is exact), and its Gram
+    is a product in x's dtype added to a float64 sum. The Gram is symmetric, so of its 2 x 2
+    blocks of rows only three are products (3/4 of the multiply-adds)."""
+    n, d = x.shape
+    block = max(1, _GRAM_BLOCK_BYTES.get(x.device.type, 1 << 24) // (n * x.element_size()))
+    h = n // 2
+    mean_weights = x.new_full((1, n), 1.0 / n)  # a product is ~20x faster than mean(0) on CPU
+    k = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for start in range(0, d, block):
+        y = x[:, start:start + block] - x[:1, start:start + block]
+        y -= mean_weights @ y
+        top, bottom = y[:h], y[h:]
+        k[:h, :h] += top @ top.T
+        k[h:, h:] += bottom @ bottom.T
+        k[:h, h:] += top @ bottom.T
+    k[h:, :h] = k[:h, h:].T
+    return k
+
+
 def centered_gram(x, debiased=True, dtype=None):
     """Centred linear Gram matrix of a batch of activations, as float64 (n, n).
 
     x: (n, ...) activations, flattened per sample to X (n, d). X is mean-centred over the
-    batch, K = X X^T is formed in float32 (float64 for float64 input or when float32 matmuls
-    may use TF32/bf16; `dtype` overrides; never fp16/bf16), then
+    batch and K = X X^T formed in column blocks (`_centred_gram_blocks`), each block's product
+    in float32 (float64 for float64 input or when float32 matmuls may use TF32/bf16; `dtype`
+    overrides; never fp16/bf16) and summed in float64, then
       debiased=True:  U-centring (Song et al. 2012), zero diagonal; with row sums r_i of K
                       (diagonal zeroed) and total S = sum_i r_i, for i != j
                       K~_ij = K_ij - r_i/(n-2) - r_j/(n-2) + S/((n-1)(n-2)),  K~_ii = 0
                       so that HSIC_1(K, L) = <K~, L~> / (n(n-3))  (needs n >= 4).
       debiased=False: H K H with H = I - 11^T/n, so HSIC(K, L) = <HKH, HLH> / (n-1)^2.
     Centring the features first changes neither estimator but avoids cancellation in the
-    float32 Gram (CKA then agrees with all-float64 to ~1e-8; uncentred float32 Grams are
-    off by ~1e-6); subtracting x[0] first makes a constant layer's Gram exactly zero, so
-    its CKA is NaN rather than rounding noise.
+    float32 products (uncentred float32 Grams are off by ~1e-6); the float64 sum over blocks
+    keeps rounding from growing with d (CKA agrees with all-float64 to ~1e-9). Shifting by
+    the first sample makes a constant layer's Gram exactly zero, so its CKA is NaN rather than
+    rounding noise. On a CPU a block stays in cache, so centring it costs no second trip to
+    memory (centring the whole batch first cost as much as the product itself).
     """
     n = x.shape[0]
     if debiased and n < 4:
         raise ValueError(f"centered_gram: debiased HSIC needs n >= 4 samples, got {n}")
-    x = x.reshape(n, -1).to(_gram_dtype(x, dtype))
-    x = x - x[:1]  # our own copy from here on
-    x -= x.new_full((1, n), 1.0 / n) @ x  # column means; a product is ~20x faster than mean(0) on CPU
-    k = (x @ x.T).double()
+    k = _centred_gram_blocks(x.reshape(n, -1).to(_gram_dtype(x, dtype)))
     if debiased:
         k.fill_diagonal_(0)
         r = k.sum(1)
@@ -278,21 +307,138 @@ class CKAAccumulator:
 # ----------------------------------------------------------------------------- k-NN
 
 
-def _topk_over_bank(q, bank, k, bank_chunk_size):
-    """Top-k cosine similarities of unit queries q against the unit bank, merging running
-    top-k over bank chunks of `bank_chunk_size` rows (None: whole bank in one product)."""
-    step = bank.shape[0] if bank_chunk_size is None else bank_chunk_size
-    best_s = best_i = None
-    for start in range(0, bank.shape[0], step):
-        chunk = bank[start:start + step]
-        s, i = (q @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)
-        i = i + start
-        if best_s is not None:
-            s = torch.cat([best_s, s], 1)
-            s, j = s.topk(min(k, s.shape[1]), dim=1)
-            i = torch.cat([best_i, i], 1).gather(1, j)
-        best_s, best_i = s, i
-    return best_s, best_i
+def _order_ties_by_index(s, i):
+    """Column order of each row of similarities s with bank indices i: similarity descending,
+    among equal similarities lowest index first. (n, m) int64."""
+    by_index = i.argsort(dim=1)
+    by_value = s.gather(1, by_index).argsort(dim=1, descending=True, stable=True)
+    return by_index.gather(1, by_value)
+
+
+class KNNAccumulator:
+    """The k nearest bank items (cosine) of fixed queries, the bank streamed in chunks, then
+    the weighted vote of `knn_predict` (which is built on this class):
+
+        acc = KNNAccumulator(queries, k=200)      # queries (n, d), L2-normalised per use
+        for chunk in bank_chunks:                 # bank rows in order, chunks of any size
+            acc.update(chunk)
+        scores = acc.predict(bank_labels, t=0.1)  # (n, C) float32, as knn_predict
+
+    Neighbours: the k largest similarities, and among equal similarities the lowest bank index
+    wins (the k-th place included), so every chunking of the bank gives the same neighbours;
+    a similarity is one float32 dot product of normalised rows, so scores agree to its
+    rounding (~1e-7). Per query the state is the set of the k best so far, unordered (k
+    float32 similarities, k int32 bank indices), and its smallest similarity: the first k
+    items fill the set, then an item enters only if it beats that smallest one (a tie keeps
+    the older, lower index), by a selection (topk) over the set and the chunk, no sort; rows
+    that nothing enters are left alone (most rows, late in a large bank). Memory: the queries
+    plus that state (8k bytes per query), whatever the bank's size; an update works on
+    `chunk_size` queries at a time (a chunk_size x (k + chunk rows) block). Labels are given
+    once, to `predict`: the search needs none, and one label array serves any number of
+    accumulators (one per layer and feature type). Everything is computed and kept on
+    `device` (default: the queries').
+    """
+
+    def __init__(self, queries, k=200, chunk_size=1024, device=None):
+        if k < 1 or chunk_size < 1 or queries.dim() != 2:
+            raise ValueError(f"KNNAccumulator: need (n, d) queries, k >= 1 and chunk_size >= 1, got queries "
+                             f"{tuple(queries.shape)}, k={k}, chunk_size={chunk_size}")
+        self.device = torch.device(device) if device is not None else queries.device
+        self.queries = queries.to(self.device)
+        self.k, self.chunk_size, self.seen = int(k), int(chunk_size), 0
+        n = queries.shape[0]
+        # placeholders (-inf, index -1); items fill the set column by column until it holds k
+        self.sims = torch.full((n, self.k), -math.inf, device=self.device)
+        self.index = torch.full((n, self.k), -1, dtype=torch.int32, device=self.device)
+        self.kth = torch.full((n,), -math.inf, device=self.device)  # smallest similarity in the set
+
+    def update(self, bank_chunk):
+        """Merge the next rows of the bank, (m, d) features of any float dtype, into the top-k."""
+        if bank_chunk.dim() != 2 or bank_chunk.shape[1] != self.queries.shape[1]:
+            raise ValueError(f"KNNAccumulator.update: bank chunk {tuple(bank_chunk.shape)} does not match the "
+                             f"queries {tuple(self.queries.shape)}")
+        if self.seen + bank_chunk.shape[0] > torch.iinfo(torch.int32).max:
+            raise ValueError("KNNAccumulator.update: the bank exceeds 2^31 - 1 items")
+        b = F.normalize(bank_chunk.to(self.device).float(), dim=1)
+        free = min(self.k - self.seen, b.shape[0])
+        if free > 0:  # the set has room: the first items join it without a selection
+            for rows, q in self._query_chunks():
+                self.sims[rows, self.seen:self.seen + free] = q @ b[:free].T
+            self.index[:, self.seen:self.seen + free] = torch.arange(self.seen, self.seen + free, dtype=torch.int32,
+                                                                     device=self.device)
+            self.seen += free
+            if self.seen == self.k:
+                self.kth = self.sims.min(1).values
+            b = b[free:]
+        if b.shape[0]:
+            for rows, q in self._query_chunks():
+                self._merge(self.sims[rows], self.index[rows], self.kth[rows], q @ b.T, self.seen)
+            self.seen += b.shape[0]
+
+    def _query_chunks(self):
+        """(rows, normalised float32 queries of those rows), chunk_size rows at a time."""
+        for start in range(0, self.queries.shape[0], self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            yield rows, F.normalize(self.queries[rows].float(), dim=1)
+
+    def _merge(self, best_s, best_i, kth, s, first):
+        """Merge similarities s (rows, m) of bank items first, first + 1, ... into views of the
+        state: per row a selection of k among its k + m candidates (old ones first)."""
+        rows = (s > kth[:, None]).any(1).nonzero().squeeze(1)  # a tie with the k-th keeps the older item
+        if rows.numel() == 0:
+            return
+        if rows.numel() < s.shape[0]:
+            s, old_s, old_i = s[rows], best_s[rows], best_i[rows]
+        else:
+            rows, old_s, old_i = slice(None), best_s, best_i
+        cand = torch.cat([old_s, s], 1)
+        top_s, top = cand.topk(self.k, dim=1, sorted=False)  # the right set but for ties at its minimum
+        cand.scatter_(1, top, -math.inf)  # now the items left out (a max is ~6x cheaper than counting)
+        tied = (cand.amax(1) >= top_s.amin(1)).nonzero().squeeze(1)
+        if tied.numel():  # the k-th similarity is shared with an item left out: lowest index wins
+            index = torch.arange(first, first + s.shape[1], dtype=torch.int32, device=s.device)
+            cand = torch.cat([old_s[tied], s[tied]], 1)
+            top[tied] = _order_ties_by_index(cand, torch.cat([old_i[tied], index.expand(len(tied), -1)], 1))[:, :self.k]
+            top_s[tied] = cand.gather(1, top[tied])
+        is_old = top < self.k  # column j < k is old entry j, column k + i is bank item first + i
+        best_i[rows] = torch.where(is_old, old_i.gather(1, top.clamp(max=self.k - 1)), (top - self.k + first).int())
+        best_s[rows] = top_s
+        kth[rows] = top_s.amin(1)
+
+    def neighbours(self):
+        """(similarities, bank indices) of the min(k, seen) nearest items per query, (n, k')
+        each, most similar first (lowest index first among equals)."""
+        order = _order_ties_by_index(self.sims, self.index)[:, :min(self.k, self.seen)]
+        return self.sims.gather(1, order), self.index.gather(1, order).long()
+
+    def predict(self, bank_labels, t=0.1, num_classes=None):
+        """Class scores (n, C) float32 of the weighted vote, as `knn_predict`; bank_labels:
+        (seen,) ints or (seen, C) multi-label floats, tensor or numpy, in bank order."""
+        if not t > 0:
+            raise ValueError(f"KNNAccumulator.predict: need t > 0, got t={t}")
+        labels = torch.as_tensor(bank_labels)  # datasets hand out numpy label arrays
+        if labels.dim() not in (1, 2) or labels.shape[0] != self.seen:
+            raise ValueError(f"KNNAccumulator.predict: bank_labels {tuple(labels.shape)} do not match the "
+                             f"{self.seen} bank items seen")
+        if self.seen == 0:
+            raise ValueError("KNNAccumulator.predict: the bank is empty (no update)")
+        multilabel = labels.dim() == 2
+        labels = labels.to(self.device).float() if multilabel else labels.to(self.device).long()
+        if num_classes is None:
+            num_classes = labels.shape[1] if multilabel else int(labels.max()) + 1
+        if self.k > self.seen:
+            warnings.warn(f"knn_predict: k={self.k} is larger than the bank ({self.seen} items); using k={self.seen}")
+        real = min(self.k, self.seen)  # while the set fills, its first `seen` columns are the real items
+        out = []
+        for s, idx in zip(self.sims[:, :real].split(self.chunk_size), self.index[:, :real].split(self.chunk_size)):
+            w = ((s - s.max(1, keepdim=True).values) / t).exp()
+            idx = idx.long()
+            if multilabel:
+                scores = torch.einsum("bk,bkc->bc", w, labels[idx])
+            else:
+                scores = torch.zeros(len(s), num_classes, device=self.device).scatter_add_(1, labels[idx], w)
+            out.append(scores / w.sum(1, keepdim=True))
+        return torch.cat(out) if out else torch.zeros(0, num_classes, device=self.device)
 
 
 def knn_predict(bank, bank_labels, queries, k=200, t=0.1, num_classes=None, chunk_size=1024,
@@ -300,44 +446,27 @@ def knn_predict(bank, bank_labels, queries, k=200, t=0.1, num_classes=None, chun
     """Weighted cosine k-NN class scores (Wu et al. 2018), (n_queries, C) float32 tensor.
 
     Bank and queries are L2-normalised (float32); for query q the k nearest bank items j
-    (cosine s_j = q.x_j; k larger than the bank is clipped to its size, with a warning) vote
-    with w_j = exp(s_j / t):
+    (cosine s_j = q.x_j; k larger than the bank is clipped to its size, with a warning; among
+    equal similarities the lowest bank index wins) vote with w_j = exp(s_j / t):
       single label (bank_labels (N,) int):    score_c = sum_{j: y_j = c} w_j / sum_j w_j
       multi-label (bank_labels (N, C) float): score = sum_j w_j y_j / sum_j w_j
     The weights are computed as exp((s_j - s_max) / t): the common factor exp(s_max/t)
     cancels in the normalisation and small t cannot overflow. Queries are processed in
-    chunks of `chunk_size`; with `bank_chunk_size` the bank is also chunked, merging a
-    running top-k, so the similarity block is chunk_size x (k + bank_chunk_size) instead
-    of chunk_size x N (plus one normalised float32 copy of the bank). Computed and
-    returned on bank's device. Ties at the k-th similarity are broken arbitrarily.
+    chunks of `chunk_size`, the bank in chunks of `bank_chunk_size` rows (None: one chunk)
+    merged into a running top-k (KNNAccumulator, the same code and neighbours for every
+    chunking): the similarity block is chunk_size x bank_chunk_size, plus a normalised
+    float32 copy of one bank chunk. Computed and returned on bank's device.
     """
-    if k < 1 or t <= 0:
+    if k < 1 or not t > 0:
         raise ValueError(f"knn_predict: need k >= 1 and t > 0, got k={k}, t={t}")
-    bank_labels = torch.as_tensor(bank_labels)  # datasets hand out numpy label arrays
+    bank_labels = torch.as_tensor(bank_labels)
     if bank.shape[0] != bank_labels.shape[0] or bank.shape[1] != queries.shape[1]:
         raise ValueError(f"knn_predict: bank {tuple(bank.shape)}, bank_labels {tuple(bank_labels.shape)} "
                          f"and queries {tuple(queries.shape)} do not match")
-    device = bank.device
-    multilabel = bank_labels.dim() == 2
-    labels = bank_labels.to(device)
-    labels = labels.float() if multilabel else labels.long()
-    if num_classes is None:
-        num_classes = labels.shape[1] if multilabel else int(labels.max()) + 1
-    if k > bank.shape[0]:
-        warnings.warn(f"knn_predict: k={k} is larger than the bank ({bank.shape[0]} items); using k={bank.shape[0]}")
-        k = bank.shape[0]
-    bank = F.normalize(bank.float(), dim=1)
-    out = []
-    for q in queries.split(chunk_size):
-        q = F.normalize(q.to(device).float(), dim=1)
-        s, idx = _topk_over_bank(q, bank, k, bank_chunk_size)
-        w = ((s - s[:, :1]) / t).exp()  # s sorted descending: column 0 is the max
-        if multilabel:
-            scores = torch.einsum("bk,bkc->bc", w, labels[idx])
-        else:
-            scores = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, labels[idx], w)
-        out.append(scores / w.sum(1, keepdim=True))
-    return torch.cat(out) if out else torch.zeros(0, num_classes, device=device)
+    acc = KNNAccumulator(queries, k, chunk_size, device=bank.device)
+    for chunk in bank.split(bank_chunk_size or max(1, bank.shape[0])):
+        acc.update(chunk)
+    return acc.predict(bank_labels, t, num_classes)
 
 
 # ----------------------------------------------------------------------------- weights

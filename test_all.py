@@ -1085,6 +1085,21 @@ def test_data_bad_hdf5(tmp_path):
 
 
 # ----------------------------------------------------------------------------- generated tasks
+def test_data_generated_mean_std_from_histogram_equals_float64():
+    """Issue 21: the generated tasks' normalisation constants come from exact integer sums
+    (10x faster than numpy on float64 pixels); they must be the values recorded so far."""
+    for make in (data.make_fundus, data.make_shapes, data.make_lesions):
+        for seed in (0, 1):
+            images, _ = make(64, seed)
+            px = images.reshape(-1, 3) / 255.0
+            want = tuple(np.round(px.mean(0), 3).tolist()), tuple(np.round(px.std(0), 3).tolist())
+            assert data._channel_mean_std(images) == want, (make.__name__, seed)
+    # a case worked by hand: half the pixels 0, half 255
+    images = np.zeros((2, 3, 3, 3), dtype=np.uint8)
+    images[0] = 255
+    assert data._channel_mean_std(images) == ((0.5,) * 3, (0.5,) * 3)
+
+
 @pytest.mark.parametrize("name", ["synthetic", "shapes"])
 def test_data_generated_deterministic(name, monkeypatch):
     monkeypatch.setattr(data, "SYNTHETIC_SIZE", 200)
@@ -1549,6 +1564,30 @@ def test_metrics_cka_low_precision_inputs():
     assert float((kh * lh).sum() / (kh.norm() * lh.norm())) == pytest.approx(ref_h, abs=1e-6)
 
 
+def test_metrics_centered_gram_blocks_match_float64(monkeypatch):
+    """Issue 21: Grams are formed from column blocks (each shifted and centred in place, the
+    products summed in float64, three of the 2 x 2 row blocks multiplied): float32 features
+    with a large offset over several blocks and an odd n give CKA within 1e-8 of plain float64
+    (the previous whole-batch float32 product: ~1e-8), and the block size changes nothing
+    beyond rounding, down to one column per block."""
+    g = torch.Generator().manual_seed(0)
+    n = 33
+    d = 3 * (metrics._GRAM_BLOCK_BYTES["cpu"] // (n * 4)) + 1234  # three blocks and a short one
+    z = torch.randn(n, 16, generator=g)
+    x = torch.relu(z @ torch.randn(16, d, generator=g) - 0.3) + 5.0
+    y = torch.relu((z + 0.6 * torch.randn(n, 16, generator=g)) @ torch.randn(16, d, generator=g)) + 2.0
+    for debiased in (True, False):
+        k, l = metrics.centered_gram(x, debiased), metrics.centered_gram(y, debiased)
+        got = float((k * l).sum() / (k.norm() * l.norm()))
+        assert got == pytest.approx(_metrics_ref_cka(x, y, debiased), abs=1e-8)
+    x64 = x[:, :200].double()
+    whole = metrics.centered_gram(x64)
+    for columns in (1, 7, 64):
+        monkeypatch.setitem(metrics._GRAM_BLOCK_BYTES, "cpu", columns * n * 8)
+        torch.testing.assert_close(metrics.centered_gram(x64), whole, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(np.diag(whole.numpy()), 0)
+
+
 def test_metrics_centered_gram_avoids_reduced_precision_matmul():
     x, _ = _metrics_pair(16, 50, 5, dtype=torch.float32)
     prev = torch.get_float32_matmul_precision()
@@ -1817,6 +1856,164 @@ def test_metrics_knn_small_temperature_does_not_overflow():
     got = metrics.knn_predict(bank, yb, queries, k=10, t=0.001)
     assert torch.isfinite(got).all()
     np.testing.assert_allclose(got.sum(1).numpy(), 1.0, atol=1e-5)
+
+
+# k-NN before issue 21 (whole bank in memory, torch.topk ties in no fixed order), kept as
+# the reference the streamed implementation must equal
+def _metrics_knn_topk_before(q, bank, k, bank_chunk_size):
+    step = bank.shape[0] if bank_chunk_size is None else bank_chunk_size
+    best_s = best_i = None
+    for start in range(0, bank.shape[0], step):
+        chunk = bank[start:start + step]
+        s, i = (q @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)
+        i = i + start
+        if best_s is not None:
+            s = torch.cat([best_s, s], 1)
+            s, j = s.topk(min(k, s.shape[1]), dim=1)
+            i = torch.cat([best_i, i], 1).gather(1, j)
+        best_s, best_i = s, i
+    return best_s, best_i
+
+
+def _metrics_knn_predict_before(bank, bank_labels, queries, k=200, t=0.1, num_classes=None, chunk_size=1024,
+                                bank_chunk_size=None):
+    bank_labels = torch.as_tensor(bank_labels)
+    multilabel = bank_labels.dim() == 2
+    labels = bank_labels.float() if multilabel else bank_labels.long()
+    if num_classes is None:
+        num_classes = labels.shape[1] if multilabel else int(labels.max()) + 1
+    k = min(k, bank.shape[0])
+    bank = nn.functional.normalize(bank.float(), dim=1)
+    out = []
+    for q in queries.split(chunk_size):
+        q = nn.functional.normalize(q.float(), dim=1)
+        s, idx = _metrics_knn_topk_before(q, bank, k, bank_chunk_size)
+        w = ((s - s[:, :1]) / t).exp()
+        if multilabel:
+            scores = torch.einsum("bk,bkc->bc", w, labels[idx])
+        else:
+            scores = torch.zeros(len(q), num_classes).scatter_add_(1, labels[idx], w)
+        out.append(scores / w.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def _metrics_knn_stream(bank, queries, k, chunks, chunk_size=1024):
+    """A KNNAccumulator fed the bank in chunks of the given sizes (cycled)."""
+    acc = metrics.KNNAccumulator(queries, k, chunk_size=chunk_size)
+    start, i = 0, 0
+    while start < len(bank):
+        acc.update(bank[start:start + chunks[i % len(chunks)]])
+        start += chunks[i % len(chunks)]
+        i += 1
+    return acc
+
+
+def _metrics_knn_ref_neighbours(bank, queries, k):
+    """float64 brute force: nearest first, lowest bank index first among equal similarities."""
+    b = bank.double() / bank.double().norm(dim=1, keepdim=True)
+    q = queries.double() / queries.double().norm(dim=1, keepdim=True)
+    sim = (q @ b.T).numpy()
+    return np.stack([np.argsort(-row, kind="stable")[:min(k, len(bank))] for row in sim])
+
+
+def _metrics_knn_tied(n_bank=240, n_query=40, classes=3, seed=0):
+    """Features with 4 entries of +-1 in 8 dimensions: normalised they hold +-0.5 exactly, so
+    every similarity is a multiple of 0.25, computed exactly in any order: many exact ties."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        x = torch.zeros(n, 8)
+        for row in x:
+            row[torch.randperm(8, generator=g)[:4]] = torch.randint(0, 2, (4,), generator=g).float() * 2 - 1
+        return x
+    return draw(n_bank), torch.randint(0, classes, (n_bank,), generator=g), draw(n_query)
+
+
+@pytest.mark.filterwarnings("ignore:knn_predict")
+def test_metrics_knn_equals_implementation_before_streaming():
+    """Issue 21: the streamed k-NN gives today's scores (within 1e-6) and neighbours, single-
+    and multi-label, for any chunking of queries and bank, and for k > bank."""
+    bank, yb, queries, _ = _metrics_knn_data(n_bank=500, n_query=70, dim=24, classes=5, seed=7)
+    ml = (torch.rand(500, 6, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    for labels in (yb, ml):
+        for k, cs, bcs in [(1, 1024, None), (30, 16, None), (30, 1024, 7), (200, 33, 128), (600, 50, 64)]:
+            want = _metrics_knn_predict_before(bank, labels, queries, k, 0.1, None, cs, bcs)
+            got = metrics.knn_predict(bank, labels, queries, k, 0.1, None, cs, bcs)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6, err_msg=f"k={k} cs={cs} bcs={bcs}")
+    b, q = nn.functional.normalize(bank, dim=1), nn.functional.normalize(queries, dim=1)
+    _, want_idx = _metrics_knn_topk_before(q, b, 50, None)
+    _, got_idx = _metrics_knn_stream(bank, queries, 50, [64]).neighbours()
+    assert torch.equal(got_idx, want_idx)
+
+
+def test_metrics_knn_streamed_equals_one_shot_any_chunking():
+    """Any bank chunking (single rows, uneven sizes, one chunk) and query chunking gives the
+    same neighbours as float64 brute force and the same scores as knn_predict."""
+    bank, yb, queries, _ = _metrics_knn_data(n_bank=400, n_query=60, seed=8)
+    full = metrics.knn_predict(bank, yb, queries, k=40, num_classes=4)
+    want = _metrics_knn_ref_neighbours(bank, queries, 40)
+    for chunks, cs in [([1], 1024), ([7, 130, 3], 13), ([400], 1), ([64], 60), ([39, 41], 1000)]:
+        acc = _metrics_knn_stream(bank, queries, 40, chunks, cs)
+        assert acc.seen == 400 and acc.sims.shape == (60, 40)  # state fixed by queries and k, not the bank
+        sims, idx = acc.neighbours()
+        np.testing.assert_array_equal(idx.numpy(), want, err_msg=f"chunks {chunks}")
+        assert torch.all(sims[:, :-1] >= sims[:, 1:])
+        np.testing.assert_allclose(acc.predict(yb, num_classes=4).numpy(), full.numpy(), atol=1e-6)
+
+
+def test_metrics_knn_ties_lowest_bank_index_wins():
+    """Issue 21: among equal similarities the lowest bank index wins, the k-th place included,
+    whatever the chunking (ties split across chunks too), so streamed and one-shot have the
+    same neighbours; with a permuted bank the same rule picks the lowest new index."""
+    bank, yb, queries = _metrics_knn_tied()
+    for k in (1, 5, 17, 60, 240):
+        want = _metrics_knn_ref_neighbours(bank, queries, k)
+        one_shot = metrics.knn_predict(bank, yb, queries, k=k, num_classes=3)
+        for chunks in ([240], [1], [5, 11], [64]):
+            sims, idx = _metrics_knn_stream(bank, queries, k, chunks).neighbours()
+            np.testing.assert_array_equal(idx.numpy(), want, err_msg=f"k={k} chunks={chunks}")
+            streamed = metrics.knn_predict(bank, yb, queries, k=k, num_classes=3, chunk_size=7,
+                                           bank_chunk_size=chunks[0])
+            np.testing.assert_allclose(streamed.numpy(), one_shot.numpy(), atol=1e-6)
+    # the tie rule decides here: a query sharing its similarity with many bank items
+    sims, _ = _metrics_knn_stream(bank, queries, 17, [64]).neighbours()
+    assert (sims[:, -1:] == sims).sum(1).max() > 1
+    perm = torch.randperm(240, generator=torch.Generator().manual_seed(3))
+    _, idx = _metrics_knn_stream(bank[perm], queries, 17, [50]).neighbours()
+    np.testing.assert_array_equal(idx.numpy(), _metrics_knn_ref_neighbours(bank[perm], queries, 17))
+
+
+def test_metrics_knn_accumulator_k1_k_above_bank_and_multilabel():
+    bank, yb, queries, _ = _metrics_knn_data(n_bank=90, n_query=30, seed=9)
+    acc = _metrics_knn_stream(bank, queries, 1, [16])
+    b, q = nn.functional.normalize(bank, dim=1), nn.functional.normalize(queries, dim=1)
+    assert torch.equal(acc.neighbours()[1][:, 0], (q @ b.T).argmax(1))
+    assert torch.equal(acc.predict(yb).argmax(1), yb[(q @ b.T).argmax(1)])
+    big = _metrics_knn_stream(bank, queries, 500, [16])
+    with pytest.warns(UserWarning, match="larger than the bank"):
+        scores = big.predict(yb, num_classes=4)
+    assert big.neighbours()[1].shape == (30, 90)
+    np.testing.assert_allclose(scores.numpy(), _metrics_knn_ref(bank, yb, queries, 500, 0.1, 4), atol=1e-5)
+    ml = (torch.rand(90, 5, generator=torch.Generator().manual_seed(4)) < 0.4).float()
+    np.testing.assert_allclose(_metrics_knn_stream(bank, queries, 12, [5, 31]).predict(ml.numpy(), t=0.07).numpy(),
+                               _metrics_knn_ref(bank, ml, queries, 12, 0.07, 5), atol=1e-5)
+
+
+def test_metrics_knn_accumulator_rejects_bad_input():
+    bank, yb, queries, _ = _metrics_knn_data(n_bank=20, n_query=5)
+    acc = metrics.KNNAccumulator(queries, 3)
+    with pytest.raises(ValueError, match="empty"):
+        acc.predict(yb[:0])
+    with pytest.raises(ValueError, match="does not match"):
+        acc.update(bank[:, :5])
+    acc.update(bank)
+    with pytest.raises(ValueError, match="do not match"):
+        acc.predict(yb[:10])
+    with pytest.raises(ValueError, match="t > 0"):
+        acc.predict(yb, t=0)
+    for bad in (dict(k=0), dict(chunk_size=0)):
+        with pytest.raises(ValueError):
+            metrics.KNNAccumulator(queries, **bad)
 
 
 # ----------------------------------------------------------------------------- attention distance
@@ -2652,6 +2849,46 @@ def test_analyze_knn_features_float32(analyze_runs, tmp_path):
         values.append(json.load(open(os.path.join(run, "analysis", "knn.json")))["values"])
     for t in ("cls", "patches", "all"):
         assert values[1][t][0] is not None and values[1][t][0] == pytest.approx(values[0][t][0], abs=1e-9), t
+
+
+def test_analyze_knn_streamed_bank_equals_one_shot(analyze_runs, tmp_path, monkeypatch):
+    """Issue 21: the bank streamed through running top-k (batches of 16, merged 20 images at a
+    time) gives the k-NN scores of a one-shot knn_predict on the whole bank held in memory."""
+    _, wt = analyze_runs
+    run = _analyze_copy_run(wt, tmp_path / "run")
+    monkeypatch.setattr(analyze, "KNN_BANK_CHUNK", 20)
+    assert analyze.main(["--run", run, "--metric", "knn", "--batch-size", "16", "--k", "7", "--device", "cpu"]) == 0
+    doc = json.load(open(os.path.join(run, "analysis", "knn.json")))
+    cfg, _ = analyze.load_run(run)
+    train_ds, _, test_ds, info = data.load_splits(cfg, eval_train=True)
+    model = _analyze_load(run, "best")
+    feats = {}
+    for name, ds in (("bank", train_ds), ("queries", test_ds)):
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        with metrics.capture(model, model.feature_layers(), lambda n, o: model.pooled_views(n, o)) as acts, \
+                torch.no_grad():
+            model(x)
+        feats[name] = {l: dict(v) for l, v in acts.items()}
+    labels = np.asarray(test_ds.labels)
+    for t, values in doc["values"].items():
+        for l, got in zip(model.feature_layers()[::4], values[::4]):
+            scores = metrics.knn_predict(feats["bank"][l][t], np.asarray(train_ds.labels), feats["queries"][l][t], k=7,
+                                         num_classes=info["num_classes"])
+            assert got == pytest.approx(metrics.task_metric(info["metric"], scores.numpy(), labels), abs=1e-9), (t, l)
+
+
+def test_analyze_reinit_in_shared_pass_equals_own_pass(analyze_runs, tmp_path):
+    """Issue 21: without attention recording the shared pass also scores re-init (the
+    fine-tuned model's stage inputs are its forward): the same numbers as re-init's own pass."""
+    _, wt = analyze_runs
+    shared, alone = _analyze_copy_run(wt, tmp_path / "shared"), _analyze_copy_run(wt, tmp_path / "alone")
+    a = ["--batch-size", "20", "--k", "5", "--device", "cpu"]
+    assert analyze.main(["--run", shared, "--metric", "all", "--skip", "attention"] + a) == 0
+    assert analyze.main(["--run", alone, "--metric", "reinit"] + a) == 0
+    docs = [json.load(open(os.path.join(r, "analysis", "reinit.json")))["values"] for r in (shared, alone)]
+    assert docs[0] == docs[1]
+    job = analyze.prepare(analyze.parse_args(["--run", shared, "--metric", "all", "--skip", "attention"] + a))
+    assert analyze.shared_pass(job, analyze.parse_args(["--run", shared] + a))["reinit"] is not None
 
 
 def test_analyze_warns_on_small_samples(analyze_runs, tmp_path, capsys):
