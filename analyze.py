@@ -123,8 +123,11 @@ def run_inputs(args, todo):
                          "final; finish it (train.py ... --resume) before analysing it")
     meta = {"run": os.path.abspath(run), "run_id": cfg["run_id"], "model": cfg["model"], "data": cfg["data"],
             "init": cfg["init"], "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"]}
-    src = {"final": (os.path.join(run, "best.pt"), f"--run {run}: best.pt"),
-           "init": (os.path.join(run, "init.pt"), f"--run {run}: init.pt")}
+    best = read_weights(os.path.join(run, "best.pt"), f"--run {run}: best.pt")
+    if isinstance(best, dict) and best.get("run_id") not in (None, cfg["run_id"]):  # (older runs' files have none)
+        raise ValueError(f"--run {run}: best.pt belongs to another run (run_id {best['run_id']}, config.json's "
+                         f"{cfg['run_id']})")
+    src = {"final": (best, f"--run {run}: best.pt"), "init": (os.path.join(run, "init.pt"), f"--run {run}: init.pt")}
     if args.ref:
         ref = args.ref.rstrip("/") or "/"
         ref_cfg, ref_summary = load_run(ref, "--ref")

@@ -2608,11 +2608,12 @@ def test_train_resume_refuses_init_it_cannot_rebuild(train_killed, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["log_deleted", "log_cut", "best_over_last", "foreign_key", "other_model",
-                                  "best_deleted", "progress"])
+                                  "other_run", "best_deleted", "progress"])
 def test_train_resume_refuses_damaged_run_files(train_killed, tmp_path, case):
-    """Issue 19.7 / 23.7: a lost log.jsonl, best.pt copied over last.pt, a last.pt with foreign keys
-    or another model's weights, a lost best.pt, a damaged progress record: one line naming the
-    file, exit 2, nothing changed (was: a run with its first lines lost, or a traceback)."""
+    """Issue 19.7 / 23.7: a lost log.jsonl, best.pt copied over last.pt, a last.pt with foreign keys,
+    another model's weights or another run's (run_id), a lost best.pt, a damaged progress record:
+    one line naming the file, exit 2, nothing changed (was: a run with its first lines lost, or a
+    traceback)."""
     out = _train_copy(train_killed, tmp_path)
     last, log = os.path.join(out, "last.pt"), os.path.join(out, "log.jsonl")
     ck = torch.load(last, weights_only=True)
@@ -2631,6 +2632,9 @@ def test_train_resume_refuses_damaged_run_files(train_killed, tmp_path, case):
         torch.save(ck, last)
     elif case == "other_model":
         ck["model"] = models.create_model("deit_t", num_classes=5, img_size=32).state_dict()
+        torch.save(ck, last)
+    elif case == "other_run":
+        ck["run_id"] = rundir.new_run_id()
         torch.save(ck, last)
     elif case == "best_deleted":
         ck["progress"]["iteration"] += 2  # best.pt is not the model in last.pt: it cannot be rewritten
@@ -3230,11 +3234,12 @@ def test_data_identity_names_images_and_classes(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{16}", ident(a))
 
 
-@pytest.mark.parametrize("case", ["log_line", "log_nested", "summary_type", "config_size", "best_foreign"])
+@pytest.mark.parametrize("case", ["log_line", "log_nested", "summary_type", "config_size", "best_foreign",
+                                  "best_other_run"])
 def test_analyze_validates_run_files(analyze_runs, tmp_path, case):
     """Issue 23.7: a run file analyze.py reads back that train.py does not write (a bad log line,
     a nested log record, a summary field of another type, an img_size of 10**12, a best.pt with a
-    foreign key): one line naming the file, exit 2, nothing written."""
+    foreign key or of another run): one line naming the file, exit 2, nothing written."""
     run = _analyze_copy_run(analyze_runs[1], tmp_path / "run")
     metric, name = "convergence", "log.jsonl"
     if case.startswith("log"):
@@ -3250,7 +3255,11 @@ def test_analyze_validates_run_files(analyze_runs, tmp_path, case):
         name = "config.json"
     else:
         ck = models.read_checkpoint(os.path.join(run, "best.pt"))
-        ck["model"]["blocks.0.extra"] = torch.zeros(1)
+        if case == "best_foreign":
+            ck["model"]["blocks.0.extra"] = torch.zeros(1)
+        else:
+            assert ck["run_id"] == rundir.read_config(run)["run_id"]
+            ck["run_id"] = rundir.new_run_id()
         torch.save(ck, os.path.join(run, "best.pt"))
         metric, name = "l2", "best.pt"
     rc, _, stderr = _analyze_main(["--run", run, "--metric", metric, "--device", "cpu"])

@@ -414,6 +414,7 @@ class Trainer:
                          "bad_validations": 0, "log_bytes": 0, "images": 0, "train_seconds": 0.0,
                          "validations": 0, "best_val": None}
         self.log_cut = False  # log lines after the state this start continues from: cut at the first write
+        self.run_id = None    # config.json's, also written into last.pt and best.pt (checked on --resume)
         seed_training(cfg["seed"], rank)
         if world > 1 and not cfg.get("sync_bn") and has_batchnorm(model):
             log(f"note: BatchNorm statistics are per process, over {local_bs} images (--sync-bn: over the "
@@ -434,7 +435,7 @@ class Trainer:
     def state(self):
         return {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "schedule": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": self.rng_states(),
-                "progress": dict(self.progress), "config": self.cfg}
+                "progress": dict(self.progress), "config": self.cfg, "run_id": self.run_id}
 
     def load_state(self, ck, path):
         """Continue from last.pt; anything in it that does not fit this run (a copy of best.pt,
@@ -447,6 +448,9 @@ class Trainer:
             raise ValueError(f"{where}: not a resume checkpoint, it has no {', '.join(lacking)}{hint}; "
                              "run again with --overwrite")
         check_weights(ck["model"], self.model, where)
+        if ck.get("run_id") not in (None, self.run_id):  # (files of older runs have none)
+            raise ValueError(f"{where}: belongs to another run (run_id {ck['run_id']}, config.json's {self.run_id}); "
+                             "run again with --overwrite")
         if bool(ck["scaler"]) != self.scaler.is_enabled():  # older runs, whose config.json has no precision
             raise ValueError(f"{where}: was trained {'with' if ck['scaler'] else 'without'} fp16 loss scaling; this "
                              f"start trains in {precision_name(self.dtype)} on {self.device.type}: resume it with "
@@ -513,7 +517,7 @@ class Trainer:
         """best.pt's content: the model now, which is the best so far (just after an improvement)."""
         p = self.progress
         return {"format": FORMAT, "model": self.model.state_dict(), "iteration": p["best_iteration"],
-                "val": p["best_val"], "config": self.cfg}
+                "val": p["best_val"], "config": self.cfg, "run_id": self.run_id}
 
     def save_last(self):
         state = self.state()  # every rank: their generator states are gathered
@@ -749,9 +753,12 @@ def check_best(out, trainer):
         ck = models.read_checkpoint(path)
         check_weights(ck.get("model") if isinstance(ck, dict) else None, trainer.model, path)
         got = ck.get("iteration")
-        if got == p["best_iteration"]:
+        if ck.get("run_id") not in (None, trainer.run_id):
+            why = f"belongs to another run (run_id {ck['run_id']})"
+        elif got == p["best_iteration"]:
             return None
-        why = f"holds iteration {got!r}"
+        else:
+            why = f"holds iteration {got!r}"
     except FileNotFoundError:
         why = "is missing"
     except ValueError as e:
@@ -831,13 +838,14 @@ def create_run(out, cfg, info, splits, init_lines, model, init_sha):
             if os.path.exists(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
         raise
+    return doc["run_id"]
 
 
 def record_changes(out, doc, changes, iteration):
     """--resume with another --epochs / --patience: config.json now says what the run trains to,
     and "resumes" when it changed (rewritten atomically, before training goes on)."""
     doc = dict(doc, config=dict(doc["config"], **{k: new for k, (_, new) in changes.items()}))
-    doc["resumes"] = list(doc.get("resumes", [])) + [
+    doc["resumes"] = (doc["resumes"] if isinstance(doc.get("resumes"), list) else []) + [
         {"iteration": iteration, **{k: {"from": old, "to": new} for k, (old, new) in changes.items()}}]
     rundir.save_json(os.path.join(out, CONFIG), doc)
 
@@ -906,6 +914,7 @@ def main(argv=None):
         resume = run["state"] == "resume"
         new_init = check_init(out, run["doc"], model) if resume and main_rank else None
         trainer = Trainer(cfg, model, splits, info, out, device, rank, world, log)
+        trainer.run_id = run["doc"].get("run_id") if resume else None
         resumed, new_best = resume and os.path.exists(last), None
         stamp = file_stamp(last)
         if resumed:
@@ -924,7 +933,7 @@ def main(argv=None):
             recheck(cfg, args, run, stamp)
             prepare_dir(out, run["state"])
             if not resume:
-                create_run(out, cfg, info, splits, init_lines, trainer.model, init_sha)
+                trainer.run_id = create_run(out, cfg, info, splits, init_lines, trainer.model, init_sha)
             else:
                 if new_init is not None:
                     save_checkpoint(os.path.join(out, INIT), new_init)
