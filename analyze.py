@@ -51,10 +51,12 @@ def progress(it, desc):
 
 # ----------------------------------------------------------------------------- inputs
 def load_run(run, flag="--run"):
-    """config.json (settings and num_classes) and summary.json (None if unfinished) of a run
-    directory, read and checked by rundir, with one-line errors."""
+    """config.json (settings, plus num_classes, the run's run_id and its dataset's identity) and
+    summary.json (None if unfinished) of a run directory, read and checked by rundir, with
+    one-line errors."""
     r = rundir.load_run(run, flag)
-    cfg = dict(r["config"], num_classes=r["data"]["num_classes"])
+    cfg = dict(r["config"], num_classes=r["data"]["num_classes"], run_id=r["run_id"],
+               data_identity=r["data"].get("identity"))
     if cfg["model"] not in models.MODELS:
         raise ValueError(f"{flag} {run}: config.json names model {cfg['model']!r}, expected one of "
                          f"{', '.join(models.MODELS)}")
@@ -120,21 +122,37 @@ def run_inputs(args, todo):
     if summary is None:
         raise ValueError(f"--run {run}: the run has not finished (no summary.json), so its best.pt is not "
                          "final; finish it (train.py ... --resume) before analysing it")
-    meta = {"run": os.path.abspath(run), "model": cfg["model"], "data": cfg["data"], "init": cfg["init"],
-            "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"]}
-    src = {"final": (os.path.join(run, "best.pt"), f"--run {run}: best.pt"),
-           "init": (os.path.join(run, "init.pt"), f"--run {run}: init.pt")}
+    meta = {"run": os.path.abspath(run), "run_id": cfg["run_id"], "model": cfg["model"], "data": cfg["data"],
+            "init": cfg["init"], "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"]}
+    best = read_weights(os.path.join(run, "best.pt"), f"--run {run}: best.pt")
+    if isinstance(best, dict) and best.get("run_id") not in (None, cfg["run_id"]):  # (older runs' files have none)
+        raise ValueError(f"--run {run}: best.pt belongs to another run (run_id {best['run_id']}, config.json's "
+                         f"{cfg['run_id']})")
+    src = {"final": (best, f"--run {run}: best.pt"), "init": (os.path.join(run, "init.pt"), f"--run {run}: init.pt")}
     if args.ref:
         ref = args.ref.rstrip("/") or "/"
         ref_cfg, ref_summary = load_run(ref, "--ref")
         if ref_summary is None:
             raise ValueError(f"--ref {ref}: the run has not finished (no summary.json)")
-        for k in ("data", "img_size"):
-            if ref_cfg[k] != cfg[k]:
-                raise ValueError(f"--ref {args.ref}: its {k} {ref_cfg[k]!r} differs from --run's {cfg[k]!r}")
+        same_data(cfg, ref_cfg, args.ref)
         src["ref"] = (os.path.join(ref, "best.pt"), f"--ref {ref}: best.pt", ref_cfg["model"], ref_cfg["num_classes"],
                       {"ref": os.path.abspath(args.ref), "ref_init": ref_cfg["init"], "ref_n": ref_cfg["n"]})
     return cfg, meta, src, summary, os.path.join(run, "analysis"), todo
+
+
+def same_data(cfg, ref_cfg, ref):
+    """--ref was trained on --run's dataset (the same images and classes: data.dataset_identity)
+    at the same image size. Runs from before identities were recorded: by dataset name only."""
+    a, b = cfg["data_identity"], ref_cfg["data_identity"]
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"--ref {ref}: trained on other images or classes than --run (dataset identity {b} vs "
+                         f"{a}, {ref_cfg['data']} vs {cfg['data']})")
+    if a is None or b is None:
+        warn(f"--ref {ref}: {'--run' if a is None else '--ref'} has no dataset identity (an older run): the datasets "
+             "are compared by name and image size only")
+    for k in ("data", "img_size"):
+        if ref_cfg[k] != cfg[k]:
+            raise ValueError(f"--ref {ref}: its {k} {ref_cfg[k]!r} differs from --run's {cfg[k]!r}")
 
 
 def checkpoint_inputs(args, todo):
@@ -166,8 +184,8 @@ def checkpoint_inputs(args, todo):
     cfg = {"model": args.model, "data": data_name, "data_root": args.data_root, "split_seed": args.split_seed or 0,
            "subset": args.subset, "cache_dir": args.cache_dir,
            "img_size": args.img_size or data.DEFAULT_IMG_SIZE[data_name]}
-    meta = {"run": None, "weights": os.path.abspath(args.weights), "model": args.model, "data": data_name,
-            "init": None, "n": None, "N": None, "seed": None}
+    meta = {"run": None, "run_id": None, "weights": os.path.abspath(args.weights), "model": args.model,
+            "data": data_name, "init": None, "n": None, "N": None, "seed": None}
     src = {"final": (read_weights(args.weights, "--weights"), f"--weights {args.weights}")}
     if args.init_weights:
         src["init"] = (read_weights(args.init_weights, "--init-weights"), f"--init-weights {args.init_weights}")
@@ -196,20 +214,29 @@ def prepare(args):
     if skip and args.metric != "all":
         raise ValueError(f"--skip {args.skip}: only with --metric all")
     todo = [m for m in METRICS if m not in skip] if args.metric == "all" else [args.metric]
+    stamp = run_stamp(args.run) if args.run else None  # before reading: a later change is caught under the lock
     cfg, meta, src, summary, out, todo = (run_inputs if args.run else checkpoint_inputs)(args, todo)
-    job = types.SimpleNamespace(device=device, models={}, summary=summary, out=out, meta=meta,
+    job = types.SimpleNamespace(device=device, models={}, summary=summary, out=out, meta=meta, stamp=stamp,
                                 run=args.run.rstrip("/") or "/" if args.run else None)
-    rundir.check_writable_dir(out, "--run" if args.run else "--out")
+    job.flag = "--run" if args.run else "--out"
+    job.folder = job.run if args.run else args.out  # the folder whose lock analyze.py holds while writing
+    rundir.check_writable_dir(out, job.flag)
 
     # the data first: for checkpoints, its class count decides the head
     job.train_ds = job.test_ds = job.info = None
     if any(m in todo for m in ("cka", "knn", "reinit", "attention")):
-        split_cfg = {k: cfg.get(k) for k in ("data", "data_root", "img_size", "split_seed", "subset", "cache_dir")}
+        # the run's own --metric (None: the dataset's), so k-NN and re-init score what the run was scored by
+        split_cfg = {k: cfg.get(k) for k in ("data", "data_root", "img_size", "split_seed", "subset", "cache_dir",
+                                             "metric")}
         split_cfg["split_seed"] = split_cfg["split_seed"] or 0
         try:
             job.train_ds, _, job.test_ds, job.info = data.load_splits(split_cfg, eval_train=True)
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"--data {cfg['data']}: {e}") from None
+        if args.run and None not in (cfg["data_identity"], job.info.get("identity")) \
+                and cfg["data_identity"] != job.info["identity"]:
+            warn(f"--run {job.run}: its dataset now holds other images or classes than when the run was trained "
+                 f"(identity {job.info['identity']}, then {cfg['data_identity']})")
         min_n = 2 if args.biased else 4
         if "cka" in todo and len(job.test_ds) < min_n:
             raise ValueError(f"--metric cka: the test split has {len(job.test_ds)} images, CKA needs >= {min_n}")
@@ -443,15 +470,20 @@ class ReinitScorer:
                 live.copy_(saved[k])
 
     def result(self, labels):
-        """(baseline, [metric per layer]) over the batches added, given their labels in order."""
+        """(baseline, [metric per layer], per_class) over the batches added, given their labels in
+        order; per_class is None, or for a multi-label task {"baseline": [AUC per class],
+        "reverted": [[...] per layer]}."""
         score = lambda parts: metrics.task_metric(self.info["metric"], torch.cat(parts).numpy(), labels)
-        return score(self.base_scores), [score(p) for p in self.layer_scores]
+        auc = lambda parts: metrics.per_class_auc(torch.cat(parts).numpy(), labels)
+        per_class = ({"baseline": auc(self.base_scores), "reverted": [auc(p) for p in self.layer_scores]}
+                     if self.info["multilabel"] else None)
+        return score(self.base_scores), [score(p) for p in self.layer_scores], per_class
 
 
 @torch.no_grad()
 def reinit_scores(model, init_state, test_ds, info, args, device):
     """Re-initialisation robustness over the test split in a pass of its own (see
-    ReinitScorer; the shared pass does the same when it runs). Returns (baseline, [metric per layer])."""
+    ReinitScorer; the shared pass does the same when it runs). Returns ReinitScorer.result."""
     scorer = ReinitScorer(model, init_state, info, device)
     labels = []
     for x, y in progress(loader(test_ds, args, device), "re-init"):
@@ -462,7 +494,9 @@ def reinit_scores(model, init_state, test_ds, info, args, device):
 
 # ----------------------------------------------------------------------------- output
 def write(job, metric, layers, values, settings):
-    os.makedirs(job.out, exist_ok=True)
+    """analysis/<metric>.json, tagged with the run's run_id (a file of another run is absent to
+    plots.py and the sweep), written atomically under the folder's lock."""
+    rundir.make_dir(job.out, job.flag)
     doc = dict(job.meta, metric=metric, layers=layers, values=values, settings=settings,
                facts=job.facts, created=time.strftime("%Y-%m-%d %H:%M:%S"))
     path = os.path.join(job.out, f"{metric}.json")
@@ -481,19 +515,38 @@ def label(job):
 
 
 # ----------------------------------------------------------------------------- the analyses
+def read_curve(run, metric):
+    """[[iteration, validation metric]] from a run's log.jsonl, every line checked first; a line
+    train.py does not write is one error naming the file and the line."""
+    path = os.path.join(run, rundir.LOG)
+    if not os.path.isfile(path):
+        warn(f"--run {run}: no {rundir.LOG}: the convergence curve is empty")
+        return []
+    if os.path.getsize(path) > rundir.MAX_JSON_BYTES:
+        raise ValueError(f"--run {run}: {path} is larger than any log train.py writes; not reading it")
+    curve = []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:  # parse_constant: older logs wrote NaN for an undefined validation metric
+                r = json.loads(line, parse_constant=lambda c: None)
+            except (ValueError, RecursionError):
+                r = None
+            val = r.get("val") if isinstance(r, dict) else None
+            if not (isinstance(r, dict) and rundir.is_int(r.get("iteration"), 0, rundir.MAX_INT)
+                    and ("val" not in r or (isinstance(val, dict)
+                                            and (val.get(metric) is None or rundir.is_number(val[metric]))))):
+                raise ValueError(f"--run {run}: {path} line {i} is not a record train.py writes "
+                                 "({\"iteration\", ...} with a numeric \"val\")")
+            if "val" in r:
+                curve.append([r["iteration"], val.get(metric)])
+    return curve
+
+
 def convergence(job, args, shared):
     """Iterations to the best validation metric, and the validation curve, from log.jsonl."""
-    s, curve = job.summary, []
-    path = os.path.join(job.run, "log.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                if "val" in r:
-                    curve.append([r["iteration"], r["val"]])
+    s = job.summary
     values = {"best_iteration": s["best_iteration"], "best_val_metric": s["best_val_metric"],
-              "iterations": s["iterations"], "val_metric": s["metric"],
-              "curve": [[it, v.get(s["metric"])] for it, v in curve]}
+              "iterations": s["iterations"], "val_metric": s["metric"], "curve": read_curve(job.run, s["metric"])}
     print(f"{label(job)}: convergence: best val {s['metric']} {s['best_val_metric']} "
           f"at iteration {s['best_iteration']} of {s['iterations']}")
     return write(job, "convergence", [], values, {})
@@ -577,27 +630,60 @@ def attention(job, args, shared):
 def reinit(job, args, shared):
     final, info = job.models["final"], job.info
     if shared is not None and shared["reinit"] is not None:
-        base, values = shared["reinit"]
+        base, values, per_class = shared["reinit"]
     else:
-        base, values = reinit_scores(final, job.models["init"].state_dict(), job.test_ds, info, args, job.device)
+        base, values, per_class = reinit_scores(final, job.models["init"].state_dict(), job.test_ds, info, args,
+                                                job.device)
     print(f"{label(job)}: test {info['metric']} with one layer reverted to init (baseline {base:.3f})")
     print_row("reverted", values)
-    return write(job, "reinit", final.feature_layers(), {
-        "baseline": base, "reverted": values, "drop": [base - v for v in values]},
-        {"task_metric": info["metric"], "test_images": len(job.test_ds)})
+    result = {"baseline": base, "reverted": values, "drop": [base - v for v in values]}
+    settings = {"task_metric": info["metric"], "test_images": len(job.test_ds)}
+    if per_class is not None:  # multi-label: AUC per class, in the order of settings.classes (null: one label value)
+        result["per_class_auc"] = per_class
+        settings["classes"] = info["classes"]
+    return write(job, "reinit", final.feature_layers(), result, settings)
 
 
 ANALYSES = {"convergence": convergence, "l2": l2, "cka": cka, "knn": knn, "attention": attention, "reinit": reinit}
 
 
+def recheck(job):
+    """Under the lock: the run is still the one prepare() read (train.py --overwrite or --resume
+    may have replaced or changed it since; it cannot while analyze.py holds the lock)."""
+    try:
+        cfg, summary = load_run(job.run)
+    except (ValueError, OSError):
+        cfg = summary = None
+    if summary is None or cfg["run_id"] != job.meta["run_id"] or run_stamp(job.run) != job.stamp:
+        raise ValueError(f"--run {job.run}: the run changed while analyze.py was reading it (train.py replaced or "
+                         "continued it); run the same command again")
+
+
+def run_stamp(run):
+    """(size, mtime) of best.pt and summary.json: what an analysis of the run was computed from."""
+    stamp = []
+    for f in (rundir.BEST, rundir.SUMMARY):
+        try:
+            st = os.stat(os.path.join(run, f))
+            stamp.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamp.append(None)
+    return stamp
+
+
 def analyze(args):
-    """Check everything, then run each requested analysis (the test-split ones share one pass);
-    returns the paths written."""
+    """Check everything, then, holding the folder's lock (one writer per run) and with TF32 off
+    (float32 numbers on any GPU), run each requested analysis (the test-split ones share one
+    pass); returns the paths written."""
     job = prepare(args)
-    for m in job.models.values():
-        m.to(job.device)
-    shared = shared_pass(job, args) if any(m in SHARED_PASS for m in job.todo) else None
-    return [ANALYSES[m](job, args, shared) for m in job.todo]
+    with rundir.RunLock(job.folder, "analyze.py", job.flag), metrics.exact_float32():
+        if job.run:
+            recheck(job)
+        rundir.remove_stale_tmp(job.out)  # temp files of a killed analyze.py
+        for m in job.models.values():
+            m.to(job.device)
+        shared = shared_pass(job, args) if any(m in SHARED_PASS for m in job.todo) else None
+        return [ANALYSES[m](job, args, shared) for m in job.todo]
 
 
 # ----------------------------------------------------------------------------- command line

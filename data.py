@@ -1123,7 +1123,7 @@ def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True,
     the original files on every access (same pixels, much slower). workers: cache-building processes.
     metric: the task metric (None: the dataset's; folder/csv: roc_auc for two classes, else macro_recall).
     info: name, display_name, classes, num_classes, multilabel, metric, loss, mean, std, sizes, img_size,
-    resize, root, cache_dir, split_file, cache_file."""
+    resize, root, cache_dir, split_file, cache_file, identity (dataset_identity)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}' (expected one of {', '.join(DATASETS)})")
     if not isinstance(img_size, (int, np.integer)) or img_size < 8:
@@ -1163,8 +1163,20 @@ def build_datasets(name, root, img_size=224, seed=0, cache_dir=None, cache=True,
             else:
                 _file_entries(name, table)                   # fail early on a missing image
             parts = _make_parts(name, table, splits, npy if cache else None, "L" if spec["grey"] else "RGB", r, tfms)
-    info.update(mean=tuple(mean), std=tuple(std), sizes={s: len(d) for s, d in parts.items()})
+    info.update(mean=tuple(mean), std=tuple(std), sizes={s: len(d) for s, d in parts.items()},
+                identity=dataset_identity(name, info["classes"], parts, seed))
     return parts["train"], parts["val"], parts["test"], info
+
+
+def dataset_identity(name, classes, parts, seed):
+    """A hash naming what a dataset holds: its name, class names and every image id with its label
+    (sorted, so another split of the same images is the same dataset); for the generated tasks, whose
+    ids are row numbers, also the generation seed. analyze.py --ref compares it between two runs."""
+    rows = sorted((str(i), np.asarray(y).tobytes()) for d in parts.values() for i, y in zip(d.ids, d.labels))
+    h = hashlib.sha256(json.dumps([name, list(classes), seed if name in GENERATED_TASKS else None]).encode())
+    for i, y in rows:
+        h.update(i.encode() + b"\0" + y)
+    return h.hexdigest()[:16]
 
 
 def _make_parts(name, table, splits, npy, mode, r, tfms):

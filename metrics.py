@@ -68,6 +68,33 @@ def _fp32_matmul_is_exact(device):
         return getattr(backend, "fp32_precision", "ieee") == "ieee"
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """Inside, float32 matmuls and convolutions run in full float32 on every backend: no TF32
+    (cuBLAS, cuDNN: cuDNN allows TF32 convolutions by default) and no bf16 (oneDNN on CPUs).
+    The caller's settings are restored on leaving. Evaluation and analyses run inside it, so
+    their figures do not depend on the GPU generation or on what training allowed."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):  # torch >= 2.9: one switch per backend
+        switches = [b.cuda.matmul, b.cudnn.conv, b.mkldnn.matmul, b.mkldnn.conv]
+        saved = [s.fp32_precision for s in switches]
+        for s in switches:
+            s.fp32_precision = "ieee"
+    else:
+        saved = (torch.get_float32_matmul_precision(), b.cudnn.allow_tf32)
+        torch.set_float32_matmul_precision("highest")
+        b.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if hasattr(b.cuda.matmul, "fp32_precision"):
+            for s, v in zip(switches, saved):
+                s.fp32_precision = v
+        else:
+            torch.set_float32_matmul_precision(saved[0])
+            b.cudnn.allow_tf32 = saved[1]
+
+
 def _gram_dtype(x, dtype):
     """float64 for float64 input, else float32 -- never fp16/bf16 (entries overflow or
     lose ~2 digits); float64 also when float32 matmuls were allowed to use TF32/bf16."""
@@ -651,6 +678,12 @@ def mean_auc(labels, scores, return_per_class=False):
     valid = per_class[~np.isnan(per_class)]
     mean = float(valid.mean()) if valid.size else float("nan")
     return (mean, per_class) if return_per_class else mean
+
+
+def per_class_auc(scores, labels):
+    """ROC AUC of each class of a multi-label task from (n, C) scores and labels: a list in class
+    order, NaN for a class whose labels hold one value (it has no AUC)."""
+    return mean_auc(labels, scores, return_per_class=True)[1].tolist()
 
 
 TASK_METRICS = ["quadratic_kappa", "roc_auc", "mean_auc", "macro_recall", "accuracy"]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -2317,7 +2318,8 @@ def test_train_ddp_two_gloo_processes(tmp_path):
     _train_run(args + ["--out", single], tmp_path)
     ddp = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_train_free_port()), os.path.join(ROOT, "train.py")] + args + ["--out", ddp]
+           "--master_port", str(_train_free_port()), os.path.join(ROOT, "train.py")] + args + ["--out", ddp,
+                                                                                             "--keep-last"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=_train_env(tmp_path), cwd=str(tmp_path), timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     cfg = json.load(open(os.path.join(ddp, "config.json")))["config"]
@@ -2331,6 +2333,9 @@ def test_train_ddp_two_gloo_processes(tmp_path):
         else:
             assert ra["val"]["loss"] == pytest.approx(rb["val"]["loss"], rel=1e-4, abs=1e-5)
     assert not [f for f in os.listdir(ddp) if ".tmp" in f]
+    # issue 19.4: each rank draws its own dropout / drop-path stream; last.pt keeps every rank's state
+    rng = torch.load(os.path.join(ddp, "last.pt"), weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -2666,6 +2671,509 @@ def test_train_stale_temp_files_removed(train_done, tmp_path):
     assert f"aptos_x_r36_y.npy.tmp{dead}" not in names and f"aptos_x_r36_y.npy.tmp{live}" in names
 
 
+# ----------------------------------------------------------------------------- train: issue 19 / 23
+def _train_tiny(size=32, subset=64, batch=16):
+    """_TRAIN_TINY at another image size, subset or batch."""
+    args = list(_TRAIN_TINY)
+    for flag, v in (("--img-size", size), ("--subset", subset), ("--batch-size", batch)):
+        args[args.index(flag) + 1] = str(v)
+    return args
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL (a BaseException: it passes train.main's error handling)."""
+
+
+def _train_killed(argv, monkeypatch, after=1):
+    """train.main stopped between its `after`-th checkpoint (last.pt, best.pt) and the next
+    last.pt, as a kill there would stop it: log.jsonl holds lines last.pt does not count."""
+    real, n = train.Trainer.save_last, [0]
+
+    def save_last(self):
+        n[0] += 1
+        if n[0] > after:
+            raise _Killed
+        real(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(train.Trainer, "save_last", save_last)
+        with pytest.raises(_Killed):
+            _train_main(argv)
+
+
+def _train_same_run(a, b):
+    """Two run folders hold the same run: summary (but times), log.jsonl and best.pt."""
+    assert _train_summary(a) == _train_summary(b)
+    assert open(os.path.join(a, "log.jsonl")).read() == open(os.path.join(b, "log.jsonl")).read()
+    wa, wb = (models.read_checkpoint(os.path.join(r, "best.pt"))["model"] for r in (a, b))
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
+@pytest.mark.parametrize("name, size", [("swin_t", 64), ("inception_v3", 75), ("resnet18", 32)])
+def test_train_resume_exact_for_models_that_draw(tmp_path, monkeypatch, name, size):
+    """Issue 19.5: killed right after the first last.pt (mid-epoch: iteration 1 of 2) and resumed,
+    Swin (drop-path) and Inception (dropout) train exactly as uninterrupted: creating the training
+    loader's iterator again must not shift their masks."""
+    args = ["--model", name, "--init", "ri", "--epochs", "1", "--log-every", "1"] + _train_tiny(size, 16, 8)
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert _train_main(args + ["--out", full])[0] == 0
+    _train_killed(args + ["--out", cut], monkeypatch)
+    p = torch.load(os.path.join(cut, "last.pt"), weights_only=True)["progress"]
+    assert p["pos"] == 1 and not os.path.exists(os.path.join(cut, "summary.json"))
+    assert os.path.getsize(os.path.join(cut, "log.jsonl")) > p["log_bytes"]  # lines written after last.pt
+    rc, stdout, stderr = _train_main(args + ["--out", cut, "--resume"])
+    assert rc == 0 and "resumed" in stdout, stderr
+    _train_same_run(cut, full)
+
+
+def test_train_schedule_is_reduce_lr_on_plateau():
+    """The plateau rule is PyTorch's ReduceLROnPlateau (mode max, threshold 0): with patience 2
+    the lr drops at the 3rd validation in a row without a new best (not the 2nd)."""
+    rng = np.random.default_rng(0)
+    values = np.round(rng.random(60), 1).tolist()  # ties count as no improvement
+    for patience in (0, 1, 2, 3):
+        ours = train.Schedule(1.0, warmup=0, patience=patience)
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=patience, threshold=0,
+                                                         eps=0)
+        for i, v in enumerate(values, 1):
+            ours.step(v, iteration=i)
+            ref.step(v)
+            assert ours.lr_at(10**6) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), (patience, i)
+    s = train.Schedule(1.0, warmup=0, patience=2)
+    for i, v in enumerate([1.0, 0.5, 0.5], 1):
+        s.step(v, iteration=i)
+    assert s.scale == 1.0  # 2 validations without improvement: not yet
+    s.step(0.5, iteration=4)
+    assert s.scale == pytest.approx(0.1)  # the 3rd
+
+
+def test_train_per_rank_training_seed():
+    """Issue 19.4: dropout / drop-path streams differ across DDP ranks, repeat for a seed, and do
+    not depend on what the init drew."""
+    def draws(seed, rank, before=0):
+        torch.rand(before)  # an init that drew more or fewer numbers
+        train.seed_training(seed, rank)
+        return torch.rand(5)
+    assert torch.equal(draws(0, 0), draws(0, 0, before=100))
+    assert not torch.equal(draws(0, 0), draws(0, 1))
+    assert not torch.equal(draws(0, 1), draws(1, 1))
+
+
+def test_train_sync_bn_flag(tmp_path, monkeypatch):
+    """Issue 19.4: --sync-bn is a recorded setting; under DDP on the CPU (no SyncBatchNorm there)
+    it is one line before anything is written."""
+    args = ["--model", "resnet18", "--init", "ri", "--epochs", "1", "--sync-bn"] + _TRAIN_TINY
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, stdout, stderr = _train_main(args + ["--out", str(tmp_path / "ddp")])
+    assert rc == 2 and len(stderr.strip().splitlines()) == 1 and "--sync-bn" in stderr and "CUDA" in stderr, stderr
+    assert not os.path.exists(tmp_path / "ddp")
+    monkeypatch.delenv("WORLD_SIZE")
+    cfg = train.resolve_config(train.parse_args(args + ["--out", "x"]))
+    assert cfg["sync_bn"] is True and train.resolve_config(train.parse_args(_TRAIN_TINY + ["--model", "resnet18"]))[
+        "sync_bn"] is False
+    # a resnet's BatchNorm layers become SyncBatchNorm with the same state-dict keys
+    m = models.create_model("resnet18", num_classes=3, img_size=32)
+    keys = list(m.state_dict())
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
+    assert list(synced.state_dict()) == keys and train.has_batchnorm(m)
+    assert not train.has_batchnorm(models.create_model("deit_t", num_classes=3, img_size=32))
+
+
+def test_train_evaluate_multilabel_loss_and_per_class_auc():
+    """Issue 19.3: the CheXpert validation loss has the training loss's reduction (BCE mean over
+    images and classes), and evaluate reports each class's AUC (NaN for a one-valued class)."""
+    from sklearn.metrics import roc_auc_score
+    torch.manual_seed(0)
+    x = torch.randn(40, 6)
+    y = (torch.rand(40, 3) < 0.5).float()
+    y[:, 2] = 1.0  # one label value only: no AUC
+    model = nn.Linear(6, 3)
+    info = {"loss": "bce", "multilabel": True, "metric": "mean_auc", "num_classes": 3}
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    res = train.evaluate(model, loader, torch.device("cpu"), info)
+    with torch.no_grad():
+        logits = model(x)
+    assert res["loss"] == pytest.approx(float(train.loss_fn(logits, y, info)), rel=1e-6)  # the training loss
+    want = [roc_auc_score(y[:, c].numpy(), logits[:, c].numpy()) for c in range(2)]
+    assert res["per_class_auc"][:2] == pytest.approx(want, abs=1e-9) and math.isnan(res["per_class_auc"][2])
+    assert res["mean_auc"] == pytest.approx(np.mean(want), abs=1e-9)
+
+
+def _train_tf32():
+    """The float32 switches metrics.exact_float32 turns off: TF32 matmuls and cuDNN convolutions."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        return b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision
+    return torch.get_float32_matmul_precision(), b.cudnn.allow_tf32
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 allowed for matmuls and cuDNN (as a user may set it), restored after the test."""
+    b = torch.backends
+    new_api = hasattr(b.cuda.matmul, "fp32_precision")
+    saved = (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision) if new_api else \
+        (torch.get_float32_matmul_precision(), b.cudnn.allow_tf32)
+    if new_api:
+        b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.set_float32_matmul_precision("high")
+        b.cudnn.allow_tf32 = True
+    yield _train_tf32()
+    if new_api:
+        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision = saved
+    else:
+        torch.set_float32_matmul_precision(saved[0])
+        b.cudnn.allow_tf32 = saved[1]
+
+
+def test_train_evaluation_turns_tf32_off(tf32_on):
+    """Issue 19.2: evaluation runs with TF32 off (matmul and cuDNN) and restores the caller's
+    settings (tested on the CPU by the switches themselves)."""
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append(_train_tf32())
+            return super().forward(x)
+
+    info = {"loss": "ce", "multilabel": False, "metric": "accuracy", "num_classes": 2}
+    data_ = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.arange(8) % 2)
+    train.evaluate(Probe(4, 2), torch.utils.data.DataLoader(data_, batch_size=4), torch.device("cpu"), info)
+    off = ("ieee", "ieee") if hasattr(torch.backends.cuda.matmul, "fp32_precision") else ("highest", False)
+    assert seen == [off, off] and _train_tf32() == tf32_on != off
+    with pytest.raises(KeyError):  # restored on an error too
+        with metrics.exact_float32():
+            raise KeyError
+    assert _train_tf32() == tf32_on
+
+
+@pytest.fixture(scope="module")
+def train_killed(tmp_path_factory):
+    """A tiny resnet18 WT run from a weights file, killed right after its first last.pt, and the
+    same run uninterrupted: copy the killed one before changing it."""
+    base = tmp_path_factory.mktemp("train_killed")
+    torch.manual_seed(3)
+    weights = str(base / "weights.pt")
+    torch.save(models.create_model("resnet18", num_classes=1000, img_size=32).state_dict(), weights)
+    args = ["--model", "resnet18", "--n", "3", "--weights", weights, "--epochs", "2"] + _TRAIN_TINY
+    full, cut = str(base / "full"), str(base / "cut")
+    assert _train_main(args + ["--out", full])[0] == 0
+    mp = pytest.MonkeyPatch()
+    _train_killed(args + ["--out", cut], mp)
+    mp.undo()
+    return {"args": args, "full": full, "cut": cut, "weights": weights}
+
+
+def _train_copy(train_killed, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(train_killed["cut"], out)
+    return out
+
+
+def _train_refused(argv, tree_root, *words):
+    """train.main refuses with one line holding every word, and changes nothing under tree_root."""
+    before = _train_tree(tree_root)
+    rc, stdout, stderr = _train_main(argv)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert _train_tree(tree_root) == before
+    return lines[0]
+
+
+def test_train_resume_refuses_another_precision_or_device(train_killed, tmp_path, monkeypatch):
+    """Issue 19.6: a run trained in float32 on the CPU, resumed where --amp resolves to fp16 or
+    bf16: one line naming both precisions, nothing changed (was: GradScaler.load_state_dict({}))."""
+    out = _train_copy(train_killed, tmp_path)
+    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        monkeypatch.setattr(train, "amp_dtype", lambda cfg, device, d=dtype: d)
+        _train_refused(train_killed["args"] + ["--out", out, "--resume"], out, "float32", name, "cpu")
+    cfg = json.load(open(os.path.join(out, "config.json")))["config"]
+    assert cfg["precision"] == "float32" and cfg["device_type"] == "cpu"
+
+
+def test_train_resume_epochs_change_is_recorded(train_killed, tmp_path):
+    """Issue 19.7: --resume --epochs 3 on a 2-epoch run trains 3 epochs and config.json says so
+    (with when it changed); the run equals an uninterrupted 3-epoch run (the schedule does not
+    depend on --epochs). An --epochs the run has passed already is refused."""
+    out = _train_copy(train_killed, tmp_path)
+    args = [a if a != "2" or i == 0 or train_killed["args"][i - 1] != "--epochs" else "3"
+            for i, a in enumerate(train_killed["args"])]
+    assert args.count("3") == 2  # --n 3, --epochs 3
+    rc, stdout, stderr = _train_main(args + ["--out", out, "--resume", "--patience", "20"])
+    assert rc == 0 and "--epochs 2 -> 3" in stdout and "--patience 10 -> 20" in stdout, stdout + stderr
+    doc = json.load(open(os.path.join(out, "config.json")))
+    assert doc["config"]["epochs"] == 3 and doc["config"]["patience"] == 20
+    assert doc["resumes"] == [{"iteration": 2, "epochs": {"from": 2, "to": 3}, "patience": {"from": 10, "to": 20}}]
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["iterations"] == 12 and s["epochs_run"] == 3.0
+    longer = str(tmp_path / "longer")
+    assert _train_main(args + ["--out", longer, "--patience", "20"])[0] == 0
+    _train_same_run(out, longer)
+    # a 3-epoch run killed after 1.5 epochs cannot become a 1-epoch run
+    cut = str(tmp_path / "cut")
+    mp = pytest.MonkeyPatch()
+    _train_killed(args + ["--out", cut], mp, after=3)
+    mp.undo()
+    one = [a if a != "3" or args[i - 1] != "--epochs" else "1" for i, a in enumerate(args)]
+    _train_refused(one + ["--out", cut, "--resume"], cut, "--epochs 1", "1.5 epochs")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "other_run", "best_deleted"])
+def test_train_resume_rebuilds_init_and_best(train_killed, tmp_path, damage):
+    """Issue 19.7: init.pt deleted, truncated or replaced, then --resume: rebuilt exactly from the
+    seed and the weights (checked against the checksum config.json records); the run finishes
+    as the uninterrupted one. A best.pt lost while the best is the model in last.pt (a kill
+    between the two writes) is written again from last.pt."""
+    out = _train_copy(train_killed, tmp_path)
+    path = os.path.join(out, "init.pt")
+    if damage == "best_deleted":
+        os.remove(os.path.join(out, "best.pt"))
+        assert _train_main(train_killed["args"] + ["--out", out, "--resume"])[0] == 0
+        _train_same_run(out, train_killed["full"])
+        return
+    if damage == "deleted":
+        os.remove(path)
+    elif damage == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(1000)
+    else:
+        torch.save({"model": models.create_model("resnet18", num_classes=5, img_size=32).state_dict()}, path)
+    rc, stdout, stderr = _train_main(train_killed["args"] + ["--out", out, "--resume"])
+    assert rc == 0 and "init.pt was missing or damaged: rebuilt" in stdout, stdout + stderr
+    _train_same_run(out, train_killed["full"])
+    got, want = (models.read_checkpoint(os.path.join(r, "init.pt"))["model"] for r in (out, train_killed["full"]))
+    assert all(torch.equal(got[k], want[k]) for k in want) and set(got) == set(want)
+    doc = json.load(open(os.path.join(out, "config.json")))
+    assert train.state_checksum(got) == doc["init_sha256"]
+
+
+def test_train_resume_refuses_init_it_cannot_rebuild(train_killed, tmp_path):
+    """Issue 19.7: init.pt gone and the --weights file changed since: the rebuilt init would be
+    another one, so --resume refuses (one line naming init.pt), changing nothing."""
+    out = _train_copy(train_killed, tmp_path)
+    os.remove(os.path.join(out, "init.pt"))
+    weights = str(tmp_path / "weights.pt")
+    torch.manual_seed(4)
+    torch.save(models.create_model("resnet18", num_classes=1000, img_size=32).state_dict(), weights)
+    args = [weights if a == train_killed["weights"] else a for a in train_killed["args"]]
+    doc = rundir.read_json(os.path.join(out, "config.json"))
+    doc["config"]["weights"] = weights  # the same path, other content
+    rundir.save_json(os.path.join(out, "config.json"), doc)
+    _train_refused(args + ["--out", out, "--resume"], str(tmp_path), "init.pt", "is missing", "--weights")
+
+
+@pytest.mark.parametrize("case", ["log_deleted", "log_cut", "best_over_last", "foreign_key", "other_model",
+                                  "other_run", "best_deleted", "progress"])
+def test_train_resume_refuses_damaged_run_files(train_killed, tmp_path, case):
+    """Issue 19.7 / 23.7: a lost log.jsonl, best.pt copied over last.pt, a last.pt with foreign keys,
+    another model's weights or another run's (run_id), a lost best.pt, a damaged progress record:
+    one line naming the file, exit 2, nothing changed (was: a run with its first lines lost, or a
+    traceback)."""
+    out = _train_copy(train_killed, tmp_path)
+    last, log = os.path.join(out, "last.pt"), os.path.join(out, "log.jsonl")
+    ck = torch.load(last, weights_only=True)
+    name = "last.pt"
+    if case == "log_deleted":
+        os.remove(log)
+        name = "log.jsonl"
+    elif case == "log_cut":
+        with open(log, "r+b") as f:
+            f.truncate(ck["progress"]["log_bytes"] - 3)
+        name = "log.jsonl"
+    elif case == "best_over_last":
+        shutil.copy(os.path.join(out, "best.pt"), last)
+    elif case == "foreign_key":
+        ck["model"]["extra.weight"] = torch.zeros(3)
+        torch.save(ck, last)
+    elif case == "other_model":
+        ck["model"] = models.create_model("deit_t", num_classes=5, img_size=32).state_dict()
+        torch.save(ck, last)
+    elif case == "other_run":
+        ck["run_id"] = rundir.new_run_id()
+        torch.save(ck, last)
+    elif case == "best_deleted":
+        ck["progress"]["iteration"] += 2  # best.pt is not the model in last.pt: it cannot be rewritten
+        ck["progress"]["best_iteration"] = 2
+        torch.save(ck, last)
+        os.remove(os.path.join(out, "best.pt"))
+        name = "best.pt"
+    else:
+        ck["progress"]["pos"] = 99
+        torch.save(ck, last)
+    _train_refused(train_killed["args"] + ["--out", out, "--resume"], out, name, "--resume")
+
+
+def test_train_refuses_run_files_without_config(train_killed, tmp_path):
+    """Issue 23.5: a folder with run files but no config.json is no new run: --resume and
+    --overwrite refuse it (one line naming the files), nothing changed (was: treated as new,
+    last.pt and best.pt replaced, the old log appended to)."""
+    out = _train_copy(train_killed, tmp_path)
+    os.remove(os.path.join(out, "config.json"))
+    for extra in (["--resume"], ["--overwrite"], []):
+        _train_refused(train_killed["args"] + ["--out", out] + extra, out, "no config.json", "last.pt", "log.jsonl")
+
+
+def test_train_one_writer_per_run_folder(train_killed, tmp_path, monkeypatch):
+    """Issue 23.3: while another process holds a run folder's lock, train.py refuses with one line
+    naming the holder (exit 2, nothing changed); a finished run is still reported as finished.
+    A run changed by another writer between the checks and the lock is refused too."""
+    out = _train_copy(train_killed, tmp_path)
+    args = train_killed["args"] + ["--out", out, "--resume"]
+    with rundir.RunLock(out, "analyze.py"):
+        _train_refused(args, out, "another process is writing", "analyze.py pid")
+        rc, stdout, _ = _train_main(["--model", "resnet18", "--init", "ri", "--epochs", "1", "--resume", "--out",
+                                     os.path.dirname(train_killed["full"]) + "/full"] + _TRAIN_TINY)
+    new = str(tmp_path / "new")
+    with rundir.RunLock(new, "train.py"):
+        _train_refused(train_killed["args"] + ["--out", new], new, "train.py pid")
+    # another writer finishes the run between this start's checks and its lock
+    real = rundir.RunLock.acquire
+
+    def acquire(self):
+        doc = rundir.read_json(os.path.join(out, "config.json"))
+        rundir.save_json(os.path.join(out, "config.json"), dict(doc, run_id=rundir.new_run_id()))
+        return real(self)
+    monkeypatch.setattr(rundir.RunLock, "acquire", acquire)
+    rc, stdout, stderr = _train_main(args)
+    assert rc == 2 and "another process changed the run" in stderr and len(stderr.strip().splitlines()) == 1
+    assert os.path.exists(os.path.join(out, "last.pt")) and not os.path.exists(os.path.join(out, "summary.json"))
+
+
+def test_train_two_processes_on_one_new_folder(tmp_path):
+    """Issue 23.3: two train.py started at once on the same new --out: one trains, the other
+    exits 2 with one line; the log holds one run's lines (was: 16 interleaved lines, both exit 0)."""
+    out = str(tmp_path / "run")
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "resnet18", "--init", "ri", "--epochs", "1",
+            "--out", out] + _TRAIN_TINY
+    procs = [subprocess.Popen(args, env=_train_env(tmp_path), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    res = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in res) == [0, 2], res
+    err = [e for rc, e in res if rc == 2][0].strip().splitlines()
+    assert len(err) == 1 and ("another process is writing" in err[0] or "exists" in err[0]), err
+    log = open(os.path.join(out, "log.jsonl")).read().splitlines()
+    assert len(log) == 4 and [json.loads(l)["iteration"] for l in log] == [2, 2, 4, 4]
+
+
+_TRAIN_FULL_DISK = ["--init", "ri", "--epochs", "2", "--patience", "1"] + _TRAIN_TINY
+
+
+@pytest.fixture(scope="module")
+def train_refs(tmp_path_factory):
+    """Uninterrupted reference runs of _TRAIN_FULL_DISK, one per model, made on first use."""
+    base, refs = tmp_path_factory.mktemp("train_refs"), {}
+
+    def ref(name):
+        if name not in refs:
+            refs[name] = str(base / name)
+            assert _train_main(["--model", name, "--out", refs[name]] + _TRAIN_FULL_DISK)[0] == 0
+        return refs[name]
+    return ref
+
+
+def _train_disk_full_start(argv, out):
+    """A start on a full disk: exit 2, one line saying so, no traceback, no temp file left."""
+    rc, stdout, stderr = _train_main(argv)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "no space left" in lines[0] and "Traceback" not in stderr, stderr
+    if os.path.isdir(out):
+        assert not [f for f in os.listdir(out) if ".tmp" in f]
+    return lines[0]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size): a tmpfs of that size at tmp_path/disk (mounted again to change the size);
+    unmounted after the test. Skips where it cannot mount (not root, no mount)."""
+    path = str(tmp_path / "disk")
+    state = {"mounted": False}
+
+    def mount(size):
+        if os.geteuid() != 0:
+            pytest.skip("a tmpfs needs root")
+        os.makedirs(path, exist_ok=True)
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path] if not state["mounted"] else \
+            ["mount", "-o", f"remount,size={size}", path]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
+        state["mounted"] = True
+        return path
+    yield mount
+    if state["mounted"]:
+        subprocess.run(["umount", path], capture_output=True)
+
+
+@pytest.mark.parametrize("name", ["deit_t", "resnet18"])
+def test_train_full_disk_tmpfs(tmp_path, tmpfs, monkeypatch, train_refs, name):
+    """Issue 23.6 on a real full disk: --out on a 30 MB tmpfs. DeiT-T (init.pt 22 MB fits, last.pt
+    66 MB does not): one line, exit 2, the run so far kept whole (config.json, init.pt, log.jsonl),
+    no temp file; --resume: the same, log.jsonl kept. ResNet18 (init.pt 45 MB does not fit; its
+    free-space check is turned off so the write itself hits ENOSPC): one line and no folder left,
+    so the same command works later. With space again, --resume finishes the run exactly as an
+    uninterrupted one (was: exit 1, two tracebacks, a resume that deleted log.jsonl)."""
+    ref = train_refs(name)
+    out = os.path.join(tmpfs("30m"), "run")
+    args = ["--model", name, "--out", out] + _TRAIN_FULL_DISK
+    if name == "resnet18":
+        monkeypatch.setattr(rundir, "free_bytes", lambda path: None)  # unknown: the write runs into ENOSPC
+    run_id = None
+    for extra in ([], ["--resume"]):
+        line = _train_disk_full_start(args + extra, out)
+        if name == "deit_t":
+            assert "last.pt" in line and sorted(os.listdir(out)) == [".lock", "config.json", "init.pt", "log.jsonl"]
+            doc = rundir.read_config(out)
+            assert run_id in (None, doc["run_id"]) and doc["config"]["model"] == name
+            run_id = doc["run_id"]
+            init_sd = models.read_checkpoint(os.path.join(out, "init.pt"))["model"]
+            assert train.state_checksum(init_sd) == doc["init_sha256"]
+            log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+            assert [r["iteration"] for r in log] == [2, 2]
+            assert ("--resume" in line) == (extra == [])  # the first start says how to continue
+        else:
+            assert "init.pt" in line and not os.path.exists(out)
+    monkeypatch.undo()
+    tmpfs("400m")
+    rc, stdout, stderr = _train_main(args + ["--resume"])
+    assert rc == 0, stderr
+    _train_same_run(out, ref)
+    if name == "deit_t":
+        assert rundir.read_config(out)["run_id"] == run_id
+
+
+@pytest.mark.parametrize("name, fail_at", [("resnet18", "init.pt"), ("resnet18", "last.pt"), ("deit_t", "last.pt"),
+                                           ("resnet18", "best.pt"), ("resnet18", "summary.json"),
+                                           ("resnet18", "log.jsonl")])
+def test_train_full_disk_monkeypatched(tmp_path, monkeypatch, train_refs, name, fail_at):
+    """Issue 23.6 without root: the disk is full when train.py first writes `fail_at`. One line,
+    exit 2, nothing half-written; the same command with --resume, once there is space, finishes
+    the run exactly as an uninterrupted one (a run stopped by early stopping included)."""
+    ref = train_refs(name)
+    out = str(tmp_path / "run")
+    args = ["--model", name, "--out", out] + _TRAIN_FULL_DISK
+    real_free, real_append = rundir.free_bytes, rundir.append_line
+    monkeypatch.setattr(rundir, "free_bytes", lambda p: 0 if os.path.basename(p) == fail_at else real_free(p))
+
+    def append_line(path, text):
+        if os.path.basename(path) == fail_at and os.path.exists(path):  # the second line does not fit
+            raise rundir.disk_full(path, len(text) + 1)
+        return real_append(path, text)
+    monkeypatch.setattr(rundir, "append_line", append_line)
+    line = _train_disk_full_start(args, out)
+    assert fail_at in line
+    if fail_at == "init.pt":
+        assert not os.path.exists(out)  # the folder this start created is gone: the same command works later
+    else:
+        assert rundir.read_config(out)["config"]["model"] == name and "--resume" in line
+    monkeypatch.undo()
+    assert _train_main(args + ["--resume"])[0] == 0
+    _train_same_run(out, ref)
+
+
 # ========================================================================================
 # analyze
 # ========================================================================================
@@ -2787,7 +3295,7 @@ def test_analyze_reinit_prefix_reuse_equals_full_evaluation(analyze_runs):
     model = _analyze_load(wt, "best")
     init_state = models.read_checkpoint(os.path.join(wt, "init.pt"))["model"]
     args = analyze.parse_args(["--run", wt, "--batch-size", "20"])
-    base, values = analyze.reinit_scores(model, init_state, test_ds, info, args, torch.device("cpu"))
+    base, values, _ = analyze.reinit_scores(model, init_state, test_ds, info, args, torch.device("cpu"))
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
     loader = analyze.loader(test_ds, args, torch.device("cpu"))
     assert base == pytest.approx(train.evaluate(model, loader, torch.device("cpu"), info)[info["metric"]])
@@ -3023,6 +3531,170 @@ def test_analyze_timm_checkpoints(tmp_path):
         scores = m(x).float().softmax(1).numpy()
     want = metrics.task_metric(info["metric"], scores, np.asarray(test_ds.labels))
     assert doc["values"]["baseline"] == pytest.approx(want, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- analyze: issue 19 / 23
+def _analyze_main(argv):
+    """analyze.main in-process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = analyze.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_analyze_uses_the_runs_metric(tmp_path):
+    """Issue 19.1: a run trained with --metric accuracy (synthetic's own is quadratic kappa): its
+    re-init baseline equals its summary.json test accuracy and k-NN is scored by accuracy."""
+    out = str(tmp_path / "run")
+    assert _train_main(["--model", "resnet18", "--init", "ri", "--epochs", "1", "--metric", "accuracy",
+                        "--out", out] + _TRAIN_TINY)[0] == 0
+    rc, stdout, stderr = _analyze_main(["--run", out, "--metric", "all", "--skip", "cka,l2,convergence", "--k", "5",
+                                        "--device", "cpu", "--batch-size", "32"])
+    assert rc == 0, stderr
+    reinit = json.load(open(os.path.join(out, "analysis", "reinit.json")))
+    knn = json.load(open(os.path.join(out, "analysis", "knn.json")))
+    test = json.load(open(os.path.join(out, "summary.json")))["test"]
+    assert reinit["settings"]["task_metric"] == knn["settings"]["task_metric"] == "accuracy"
+    assert reinit["values"]["baseline"] == pytest.approx(test["accuracy"], abs=1e-12)
+    assert all(v * 64 == pytest.approx(round(v * 64)) for v in knn["values"]["all"])  # accuracies over 64 images
+
+
+def test_analyze_turns_tf32_off(analyze_runs, tmp_path, monkeypatch, tf32_on):
+    """Issue 19.2: the analyses (the shared test pass, l2) run with TF32 off; the settings are
+    restored afterwards."""
+    run = _analyze_copy_run(analyze_runs[1], tmp_path / "run")
+    seen = []
+    real_pass, real_l2 = analyze.shared_pass, analyze.ANALYSES["l2"]
+    monkeypatch.setattr(analyze, "shared_pass", lambda *a: seen.append(_train_tf32()) or real_pass(*a))
+    monkeypatch.setitem(analyze.ANALYSES, "l2", lambda *a: seen.append(_train_tf32()) or real_l2(*a))
+    rc, _, stderr = _analyze_main(["--run", run, "--metric", "all", "--skip", "reinit,knn", "--device", "cpu"])
+    assert rc == 0, stderr
+    off = ("ieee", "ieee") if hasattr(torch.backends.cuda.matmul, "fp32_precision") else ("highest", False)
+    assert seen == [off, off] and _train_tf32() == tf32_on
+
+
+def test_train_analyze_chexpert_per_class_auc(tmp_path):
+    """Issue 19.3: a CheXpert run's summary.json holds the test AUC of each of the 14 classes in
+    data.classes order (null where the test split has one label value), the mean over the others
+    is its mean_auc; the re-init analysis writes the same per-class baseline."""
+    base = tmp_path / "chex"
+    _data_chexpert(base, base, n_patients=10)
+    out = str(tmp_path / "run")
+    args = ["--model", "resnet18", "--init", "ri", "--epochs", "1", "--data", "chexpert", "--data-root", str(base),
+            "--img-size", "32", "--batch-size", "4", "--warmup", "2", "--workers", "0", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--out", out]
+    rc, _, stderr = _train_main(args)
+    assert rc == 0, stderr
+    s = json.load(open(os.path.join(out, "summary.json")))
+    per_class = s["test"]["per_class_auc"]
+    assert len(per_class) == 14 and None in per_class
+    assert s["test"]["mean_auc"] == pytest.approx(np.mean([v for v in per_class if v is not None]), abs=1e-12)
+    assert rundir.read_config(out)["data"]["classes"] == data.CHEXPERT_CLASSES
+    val = [json.loads(l)["val"] for l in open(os.path.join(out, "log.jsonl")) if "val" in l]
+    assert all(len(v["per_class_auc"]) == 14 for v in val)
+    rc, _, stderr = _analyze_main(["--run", out, "--metric", "reinit", "--device", "cpu", "--batch-size", "8"])
+    assert rc == 0, stderr
+    doc = rundir.read_analysis(out, "reinit")
+    assert doc["values"]["per_class_auc"]["baseline"] == pytest.approx(per_class, abs=1e-12)
+    assert len(doc["values"]["per_class_auc"]["reverted"]) == len(doc["layers"])
+    assert doc["settings"]["classes"] == data.CHEXPERT_CLASSES
+
+
+def test_analyze_one_writer_and_run_id(analyze_runs, tmp_path, monkeypatch):
+    """Issue 23.2 / 23.3: every analysis file records the run's run_id; while train.py holds the
+    run, analyze.py refuses with one line naming it and writes nothing; a run replaced between
+    analyze.py's checks and its lock is refused (was: old analyses inside a new run)."""
+    run = _analyze_copy_run(analyze_runs[1], tmp_path / "run")
+    run_id = rundir.read_config(run)["run_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id)
+    a = ["--run", run, "--device", "cpu", "--metric", "l2"]
+    with rundir.RunLock(run, "train.py"):
+        rc, _, stderr = _analyze_main(a)
+    assert rc == 2 and len(stderr.strip().splitlines()) == 1 and "train.py pid" in stderr, stderr
+    assert not os.path.exists(os.path.join(run, "analysis"))
+    assert _analyze_main(a + ["--metric", "convergence"])[0] == 0  # (the last --metric counts)
+    assert rundir.read_analysis(run, "convergence")["run_id"] == run_id and rundir.analysis_done(run, "convergence",
+                                                                                                  run_id)
+    real = rundir.RunLock.acquire
+
+    def acquire(self):  # train.py --overwrite finished the folder anew meanwhile
+        doc = rundir.read_json(os.path.join(run, "config.json"))
+        rundir.save_json(os.path.join(run, "config.json"), dict(doc, run_id=rundir.new_run_id()))
+        return real(self)
+    monkeypatch.setattr(rundir.RunLock, "acquire", acquire)
+    rc, _, stderr = _analyze_main(a)
+    assert rc == 2 and "the run changed while analyze.py was reading it" in stderr, stderr
+    assert not os.path.exists(os.path.join(run, "analysis", "l2.json"))
+    assert not rundir.analysis_done(run, "convergence", rundir.read_config(run)["run_id"])  # another run's file
+
+
+def test_analyze_ref_compares_dataset_identity(analyze_runs, tmp_path, capsys):
+    """Issue 23.9: --ref trained on other images or classes (another dataset identity) is refused
+    with one line, even under the same dataset name; runs from before identities fall back to
+    the name with a warning."""
+    st, wt = analyze_runs
+    run, ref = _analyze_copy_run(wt, tmp_path / "run"), _analyze_copy_run(st, tmp_path / "ref")
+    a = ["--run", run, "--ref", ref, "--metric", "cka", "--device", "cpu", "--batch-size", "48"]
+    path = os.path.join(ref, "config.json")
+    doc = rundir.read_json(path)
+    assert doc["data"]["identity"] == rundir.read_config(run)["data"]["identity"]
+    rundir.save_json(path, dict(doc, data=dict(doc["data"], identity="0123456789abcdef")))
+    rc, _, stderr = _analyze_main(a)
+    assert rc == 2 and len(stderr.strip().splitlines()) == 1 and "other images or classes" in stderr, stderr
+    old = dict(doc, data={k: v for k, v in doc["data"].items() if k != "identity"})
+    rundir.save_json(path, old)
+    rc, _, stderr = _analyze_main(a)
+    assert rc == 0 and "no dataset identity" in stderr, stderr
+
+
+def test_data_identity_names_images_and_classes(tmp_path):
+    """Issue 23.9: the dataset identity is the same for the same images and classes (under any
+    split seed), and differs for other images, other classes or another generation seed."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _user_folder(a, ["x", "y"], 6)
+    _user_folder(b, ["x", "z"], 6)
+    ident = lambda root, seed=0, name="folder": data.build_datasets(
+        name, root, img_size=16, seed=seed, cache_dir=str(tmp_path / f"cache-{name}-{root and root.name}-{seed}"),
+        workers=1)[3]["identity"]
+    assert ident(a) == ident(a, seed=1) and ident(a) != ident(b)
+    assert ident(None, 0, "lesions") != ident(None, 1, "lesions")
+    assert re.fullmatch(r"[0-9a-f]{16}", ident(a))
+
+
+@pytest.mark.parametrize("case", ["log_line", "log_nested", "summary_type", "config_size", "best_foreign",
+                                  "best_other_run"])
+def test_analyze_validates_run_files(analyze_runs, tmp_path, case):
+    """Issue 23.7: a run file analyze.py reads back that train.py does not write (a bad log line,
+    a nested log record, a summary field of another type, an img_size of 10**12, a best.pt with a
+    foreign key or of another run): one line naming the file, exit 2, nothing written."""
+    run = _analyze_copy_run(analyze_runs[1], tmp_path / "run")
+    metric, name = "convergence", "log.jsonl"
+    if case.startswith("log"):
+        with open(os.path.join(run, "log.jsonl"), "a") as f:
+            f.write("{not json\n" if case == "log_line" else '{"iteration": 3, "val": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    elif case == "summary_type":
+        doc = rundir.read_json(os.path.join(run, "summary.json"))
+        rundir.save_json(os.path.join(run, "summary.json"), dict(doc, best_iteration="x"))
+        name = "summary.json"
+    elif case == "config_size":
+        doc = rundir.read_json(os.path.join(run, "config.json"))
+        rundir.save_json(os.path.join(run, "config.json"), dict(doc, config=dict(doc["config"], img_size=10**12)))
+        name = "config.json"
+    else:
+        ck = models.read_checkpoint(os.path.join(run, "best.pt"))
+        if case == "best_foreign":
+            ck["model"]["blocks.0.extra"] = torch.zeros(1)
+        else:
+            assert ck["run_id"] == rundir.read_config(run)["run_id"]
+            ck["run_id"] = rundir.new_run_id()
+        torch.save(ck, os.path.join(run, "best.pt"))
+        metric, name = "l2", "best.pt"
+    rc, _, stderr = _analyze_main(["--run", run, "--metric", metric, "--device", "cpu"])
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and name in lines[0] and "Traceback" not in stderr, stderr
+    assert not os.path.exists(os.path.join(run, "analysis"))
 
 
 _COPYABLE_SCRIPT = r'''
