@@ -83,7 +83,9 @@ CHEXPERT_CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", 
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 SHAPE_NAMES = ["circle", "square", "triangle", "cross"]
 SCENE_NAMES = ["dark", "light"]                         # the background brightness of `shapes`
-LESION_CLASSES = ["round", "square", "triangular", "cruciform"]
+LESION_CLASSES = ["regular", "irregular"]                # the border of a `lesions` lesion
+LESION_NOTCHES = (0.15, 0.30)   # notch amplitude of an irregular border (fraction of the radius)
+LESION_NOISE = 0.5              # sensor noise of `lesions`: uniform, this peak-to-peak (of 1)
 
 # your own images: --data folder (D/<class>/<image>) or csv (D/labels.csv); see _read_folder
 USER_DATA = ["folder", "csv"]
@@ -113,7 +115,7 @@ _SPECS = {
     "synthetic": dict(classes=[f"grade{g}" for g in range(5)], metric="quadratic_kappa", heldout=0.3),
     "shapes": dict(classes=[f"{s}-on-{b}" for s in SHAPE_NAMES for b in SCENE_NAMES],
                    metric="macro_recall", heldout=0.2),
-    "lesions": dict(classes=LESION_CLASSES, metric="macro_recall", heldout=None),
+    "lesions": dict(classes=LESION_CLASSES, metric="roc_auc", heldout=None),
 }
 _SPECS.update(
     folder=dict(classes=[], metric=None, grey=False, heldout=0.3,
@@ -1034,40 +1036,57 @@ def make_shapes(n, seed, res=GENERATED_RES):
     return out, labels
 
 
-def make_lesions(n, seed, res=GENERATED_RES):
-    """Dermoscopy-like target task (uint8 [n, res, res, 3], int64 [n]): 4 classes by the outline of
-    one pigmented lesion (LESION_CLASSES: the circle, square, triangle and cross of make_shapes),
-    near the centre (as dermoscopy frames a lesion), randomly sized and slightly rotated, with
-    soft edges, mottled brown pigment of random contrast on skin under uneven light, dark hairs
-    and strong noise: other classes and image statistics than `shapes`, the same outline features."""
+def make_lesions(n, seed, res=GENERATED_RES, factors=False):
+    """Dermoscopy-like target task (uint8 [n, res, res, 3], int64 [n]): 2 classes by a rule the
+    source never labels, the border of the lesion (LESION_CLASSES: 0 regular, 1 irregular).
+
+    One dark brown lesion near the centre of a dermoscope's round field (dark corners), on skin
+    of random tone under uneven light. Its outline is a smooth random oval in both classes
+    (radius 0.38-0.55 of the half-frame, elongation up to 0.25, a weak 3-lobe term); an
+    irregular border adds three harmonics of order 4-8 (notches and lobes) of total amplitude
+    LESION_NOTCHES (fraction of the radius). Nothing else depends on the label: the border's
+    width, the pigment, its mottle and contrast, and strong sensor noise (LESION_NOISE) are
+    drawn alike for both classes. Other image statistics than `shapes` (skin palette, one dark
+    object with a soft edge, vignette, noise) and another question: `shapes` labels which of
+    four outlines an object has, never whether a border is regular; what carries over is
+    seeing an outline. factors=True also returns {name: float32 [n]} of the drawn factors
+    (tone, radius, elongation, contrast, notches), for tests of what the label depends on."""
     rng = np.random.default_rng([seed, 505])
-    labels = rng.permutation(np.arange(n) % 4).astype(np.int64)
+    labels = rng.permutation(np.arange(n) % 2).astype(np.int64)
     out = np.empty((n, res, res, 3), dtype=np.uint8)
+    drawn = {k: np.empty(n, np.float32) for k in ("tone", "radius", "elongation", "contrast", "notches")}
     gy, gx = _grid(res)
     for s in range(0, n, 500):
         lab = labels[s:s + 500]
         b = len(lab)
         u = lambda lo, hi, *sh: rng.uniform(lo, hi, (b,) + sh).astype(np.float32)
-        skin = np.array([.86, .66, .56], np.float32) + u(-.07, .07, 1, 1, 3)
+        # skin under a dermoscope: tone, uneven light, the dark edge of the round field
+        tone = u(.75, 1.05, 1, 1, 1)
+        skin = np.array([.88, .70, .60], np.float32) * tone + u(-.05, .05, 1, 1, 3)
         a = u(0, 6.28, 1, 1)
-        img = skin * (0.85 + 0.15 * (np.cos(a) * gx + np.sin(a) * gy))[..., None]
-        cy, cx, size, rot = u(-.1, .1, 1, 1), u(-.1, .1, 1, 1), u(.4, .6, 1, 1), u(-.25, .25, 1, 1)
-        du, dv = (gx - cx) / size, (gy - cy) / size
-        pu, pv = np.cos(rot) * du + np.sin(rot) * dv, -np.sin(rot) * du + np.cos(rot) * dv
-        m = _shape_mask(lab, pu, pv).astype(np.float32)
-        p = np.pad(m, ((0, 0), (1, 1), (1, 1)), mode="edge")      # soft edge: 3x3 box blur
-        m = sum(p[:, i:i + res, j:j + res] for i in range(3) for j in range(3))[..., None] / 9
-        mottle = 0.8 + 0.2 * np.sin(u(8, 16, 1, 1) * gx + u(0, 6.28, 1, 1)) * np.sin(u(8, 16, 1, 1) * gy)
-        pigment = np.array([.42, .25, .17], np.float32) + u(-.06, .06, 1, 1, 3)
-        img = img + (pigment * mottle[..., None] - img) * m * u(.45, .85, 1, 1, 1)
-        for _ in range(2):                                      # hairs: thin dark curves
-            hy, f, ph = u(-1, 1, 1, 1), u(1, 3, 1, 1), u(0, 6.28, 1, 1)
-            t = u(0, 6.28, 1, 1)
-            d = np.abs(np.sin(t) * gx + np.cos(t) * gy - hy - 0.15 * np.sin(f * gx + ph))
-            img = img * (1 - 0.5 * (d < 0.025)[..., None])
-        img = img + (rng.random((b, res, res, 3), dtype=np.float32) - .5) * .25
+        img = skin * (0.9 + 0.12 * (np.cos(a) * gx + np.sin(a) * gy))[..., None]
+        field = np.clip((u(1.15, 1.45, 1, 1) - np.sqrt(gx ** 2 + gy ** 2)) * 6, 0, 1)
+        # the outline as a radius per direction: a smooth oval; label 1 adds notches (orders 4-8)
+        cy, cx, radius, elong = u(-.12, .12, 1, 1), u(-.12, .12, 1, 1), u(.38, .55, 1, 1), u(0, .25, 1, 1)
+        th = np.arctan2(gy - cy, gx - cx)
+        r = 1 + elong * np.cos(2 * (th - u(0, 6.28, 1, 1))) + u(0, .08, 1, 1) * np.cos(3 * th - u(0, 6.28, 1, 1))
+        notches = np.where(lab[:, None, None] == 1, u(*LESION_NOTCHES, 1, 1), 0).astype(np.float32)
+        wave = sum(np.cos(rng.integers(4, 9, (b, 1, 1)) * th - u(0, 6.28, 1, 1)) * u(.5, 1, 1, 1) for _ in range(3))
+        r = r + notches * wave / 1.5
+        # a soft border: the mask averaged over 7 scales of the outline, 1 +- its width / radius
+        width = u(.01, .03, 1, 1)
+        rho = np.sqrt((gy - cy) ** 2 + (gx - cx) ** 2) / (radius * r)
+        m = sum((rho < 1 + k * width / radius).astype(np.float32) for k in np.linspace(-1, 1, 7)) / 7
+        pigment = np.array([.30, .18, .12], np.float32) + u(-.08, .08, 1, 1, 3)
+        mottle = 1 + .12 * np.sin(u(10, 20, 1, 1) * gx + u(0, 6.28, 1, 1)) * np.sin(u(10, 20, 1, 1) * gy + u(0, 6.28, 1, 1))
+        contrast = u(.85, 1, 1, 1, 1)
+        img = img + (pigment * mottle[..., None] - img) * m[..., None] * contrast
+        img = img * field[..., None] + (rng.random((b, res, res, 3), dtype=np.float32) - .5) * LESION_NOISE
         out[s:s + b] = np.clip(img * 255, 0, 255).astype(np.uint8)
-    return out, labels
+        for k, v in (("tone", tone), ("radius", radius), ("elongation", elong), ("contrast", contrast),
+                     ("notches", notches)):
+            drawn[k][s:s + b] = v.reshape(b)
+    return (out, labels, drawn) if factors else (out, labels)
 
 
 _GENERATORS = {"synthetic": make_fundus, "shapes": make_shapes, "lesions": make_lesions}

@@ -125,7 +125,7 @@ def load_run(path, notes):
     run = {"dir": path, "model": cfg["model"], "data": info.get("display_name") or cfg["data"], "init": cfg["init"],
            "n": cfg["n"], "N": cfg["N"], "seed": cfg["seed"], "summary": summary, "run_id": doc.get("run_id"),
            "metric": info.get("metric") or summary.get("metric") or "metric", "analysis": {}, "missing": [],
-           "config": cfg, "info": info}
+           "config": cfg, "info": info, "sizes": doc.get("sizes")}
     if run["init"] == "ri":
         run["n"] = None
     for a in ANALYSES:
@@ -456,6 +456,33 @@ def censor_text(label, run):
     return f"{label} s{run['seed']}: best at iteration {s.get('best_iteration')} of {s.get('iterations')}{still}"
 
 
+def learned(runs):
+    """Whether a group of runs learned the task at all: (None: cannot tell, or True/False, text).
+    Only for ROC AUC, whose chance level is known: the group's mean test AUC must exceed 0.5 by
+    a one-sided z-test at 5% under the Mann-Whitney null, variance (n + 1) / (3 n^2) per run for
+    n test images in two equal classes (the smallest null variance: the lenient side)."""
+    v = [(r["seed"], test_value(r)) for r in runs]
+    n = [r["sizes"][2] for r in runs if isinstance(r.get("sizes"), list) and len(r["sizes"]) == 3]
+    if not runs or runs[0]["metric"] != "roc_auc" or len(n) != len(runs) or not finite(v):
+        return None, ""
+    var = sum((k + 1) / (3 * k * k) for k in n) / len(n) ** 2
+    z = (nanmean([x for _, x in v]) - 0.5) / math.sqrt(var)
+    p = 0.5 * math.erfc(z / math.sqrt(2))
+    text = f"test ROC AUC {seed_text(v, '{:.3f}')}: above chance (0.5), one-sided z-test p = {p:.3g}"
+    return p < ALPHA, text
+
+
+def unlearned(m, why):
+    """A not-measured result when the WT or ST runs did not learn the task (see learned), else None."""
+    for label, g in (("WT", m["wt"]), ("ST", m["st"])):
+        ok, text = learned(g)
+        if ok is False:
+            res = not_measured(f"the {label} runs did not learn the task ({text}, not significant): {why}")
+            res["lines"] = [res["text"]]
+            return res
+    return None
+
+
 # ----------------------------------------------------------------------------- F1-F4 for one model
 def inits(mruns):
     """{'st', 'wt', 'ri', 'mid': [(n, runs)], 'N'} of one model's runs."""
@@ -497,6 +524,12 @@ def f2(m, metric):
     """WT reaches its best validation in fewer iterations than ST; censored runs decide 'not measured'."""
     wt, st = values_of(m["wt"], best_iteration), values_of(m["st"], best_iteration)
     res = compare([("ST", st), ("WT", wt)], (1, -1), "ST - WT iterations to the best validation", "{:+.1f}")
+    chance = unlearned(m, "their best validation is a peak of noise, not a convergence")
+    if chance is not None:
+        chance["lines"] = [f"iterations to the best validation {metric}: WT {seed_text(wt, '{:.0f}')}; "
+                           f"ST {seed_text(st, '{:.0f}')}"] + chance["lines"]
+        chance["censored"] = []
+        return chance
     its = lambda g: ", ".join(f"s{r['seed']} {r['summary'].get('iterations')}"
                               for r in sorted(g, key=lambda r: r["seed"]))
     lines = [f"iterations to the best validation {metric}: WT {seed_text(wt, '{:.0f}')}; ST {seed_text(st, '{:.0f}')}",
@@ -532,9 +565,14 @@ def f3(m):
         return res
     layers = next(r["analysis"]["cka"].get("layers", []) for r in m["wt"] + m["st"] if "cka" in r["analysis"])
     res = compare([("WT", wt), ("ST", st)], (1, -1), "WT - ST", "{:+.3f}")
+    chance = unlearned(m, "how far their features moved from their initial state says nothing about reuse")
     res["window"] = window_text(layers, "layers")
-    res["lines"] = [f"CKA(initial layer i, fine-tuned layer i), type 'all', mean over {res['window']}: "
-                    f"WT {seed_text(wt, '{:.3f}')}; ST {seed_text(st, '{:.3f}')}", res["text"]]
+    head = (f"CKA(initial layer i, fine-tuned layer i), type 'all', mean over {res['window']}: "
+            f"WT {seed_text(wt, '{:.3f}')}; ST {seed_text(st, '{:.3f}')}")
+    if chance is not None:
+        chance["window"], chance["lines"] = res["window"], [head] + chance["lines"]
+        return chance
+    res["lines"] = [head, res["text"]]
     if missing:
         res["lines"].append(f"runs without analysis/cka.json (left out): {', '.join(missing)}")
     return res

@@ -48,8 +48,8 @@ OFFLINE = {
     "source": "shapes",      # the ImageNet stand-in: each model is pretrained on it once, from random init
     "target": "lesions",     # the small medical stand-in, fine-tuned with WT-ST-n/m from the source's best.pt
     "models": {              # image size (px), target lr, source lr, source epochs, target epochs, target batch
-        "resnet18": {"size": 32, "lr": 2e-3, "source_lr": 1e-3, "source_epochs": 2, "epochs": 5, "batch": 16},
-        "deit_t": {"size": 48, "lr": 1e-3, "source_lr": 3e-4, "source_epochs": 5, "epochs": 5, "batch": 32},
+        "resnet18": {"size": 32, "lr": 1e-4, "source_lr": 1e-3, "source_epochs": 2, "epochs": 30, "batch": 32},
+        "deit_t": {"size": 64, "lr": 3e-4, "source_lr": 5e-4, "source_epochs": 10, "epochs": 30, "batch": 32},
     },
     "other_model": {"size": None, "lr": None, "source_lr": None,  # a model not above (None: train.py's default)
                     "source_epochs": 3, "epochs": 5, "batch": 32},
