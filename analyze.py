@@ -210,7 +210,8 @@ def prepare(args):
     skip = [m.strip() for m in (args.skip or "").split(",") if m.strip()]
     bad = [m for m in skip if m not in METRICS]
     if bad:
-        raise ValueError(f"--skip {args.skip}: {bad[0]!r} is not an analysis (expected names from {', '.join(METRICS)})")
+        raise ValueError(f"--skip {args.skip}: {bad[0]!r} is not an analysis "
+                         f"(expected names from {', '.join(METRICS)})")
     if skip and args.metric != "all":
         raise ValueError(f"--skip {args.skip}: only with --metric all")
     todo = [m for m in METRICS if m not in skip] if args.metric == "all" else [args.metric]

@@ -460,7 +460,8 @@ def load_run(path, flag="--run", need_summary=False):
     files but no config.json, or any file that fails its check, is a ValueError naming it."""
     run = os.fspath(path).rstrip("/") or "/"
     if not os.path.isdir(run):
-        raise FileNotFoundError(f"{flag} {run}: no such folder (expected a run directory: train.py writes its config.json)")
+        raise FileNotFoundError(f"{flag} {run}: no such folder "
+                                "(expected a run directory: train.py writes its config.json)")
     doc = read_config(run, flag)
     summary = read_summary(run, doc["data"].get("metric"), flag)
     if summary is None and need_summary:
@@ -501,7 +502,8 @@ def check_analysis(metric, doc, path):
     def vector(v, what, length=None):
         _need(isinstance(v, list) and (length is None or len(v) == length)
               and all(x is None or is_number(x) for x in v), where,
-              f"{what} is not a list of {length if length is not None else ''} finite numbers or null".replace("  ", " "))
+              f"{what} is not a list of {length if length is not None else ''} finite numbers or null"
+              .replace("  ", " "))
 
     def matrix(m, what, rows):
         _need(isinstance(m, list) and len(m) == rows and all(isinstance(r, list) for r in m), where,
