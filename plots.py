@@ -69,24 +69,13 @@ def model_color(model):
 
 
 # ----------------------------------------------------------------------------- reading runs
-def read_log(path, notes):
-    """log.jsonl as a list of records (lines that do not parse are skipped with a note)."""
-    records, bad = [], 0
+def read_log(run, notes):
+    """rundir.read_log; a log that fails its check is left out of the curves with a note."""
     try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    bad += 1
-                    continue
-                if isinstance(r, dict) and isinstance(r.get("iteration"), (int, float)):
-                    records.append(r)
-    except OSError:
+        return rundir.read_log(run)
+    except ValueError as e:
+        notes.append(f"note: {e}; its training curves are left out")
         return []
-    if bad:
-        notes.append(f"note: {path}: {bad} line(s) that are not JSON skipped")
-    return records
 
 
 def find_runs(root):
@@ -94,7 +83,7 @@ def find_runs(root):
     (log.jsonl) for the curves; and the notes."""
     runs, notes = findings.find_runs(root)
     for r in runs:
-        r["log"] = read_log(os.path.join(r["dir"], "log.jsonl"), notes)
+        r["log"] = read_log(r["dir"], notes)
     return runs, notes
 
 
