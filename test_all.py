@@ -1587,6 +1587,7 @@ class TestData:
         err = capsys.readouterr().err
         assert "class '10' has only 5 image(s)" in err and len(err.strip().splitlines()) >= 3
 
+    @pytest.mark.slow
     def test_user_train_analyze_plots(self, tmp_path):
         """train.py on a folder and a CSV set, analyze.py --metric all and plots.py on the folder run."""
         torch.set_num_threads(1)
@@ -2656,6 +2657,7 @@ class TestTrain:
         assert not os.path.exists(os.path.join(out, "analysis"))
         assert json.load(open(os.path.join(out, "summary.json")))["init"] == "st"
 
+    @pytest.mark.slow
     def test_train_resume_after_sigkill_equals_uninterrupted(self, tmp_path):
         args = ["--model", "resnet18", "--init", "ri", "--epochs", "6"] + _TRAIN_TINY
         full = str(tmp_path / "full")
@@ -2677,6 +2679,7 @@ class TestTrain:
         p = _train_run(args + ["--out", cut, "--resume"], tmp_path)
         assert "already finished" in p.stdout
 
+    @pytest.mark.slow
     def test_train_ddp_two_gloo_processes(self, tmp_path):
         """2 CPU processes (gloo) see the same global batches as one process: with a
         LayerNorm-only model the training losses agree; only rank 0 writes."""
@@ -4086,6 +4089,7 @@ class TestPlots:
         res = _plots_run_cli("plots.py", "--help")
         assert res.returncode == 0 and "--runs" in res.stdout and "--format" in res.stdout
 
+    @pytest.mark.slow
     def test_plots_end_to_end_tiny_runs(self, tmp_path):
         """Real tiny runs: train.py (ST, WT-ST, WT from a local checkpoint) and analyze.py --metric all
         (WT also with --ref the ST run), called in-process through their main(), then plots.py."""
@@ -4460,6 +4464,7 @@ def _study_check_findings(tmp_path, data, models):
 class TestStudy:
     """study.sh: the offline study end to end."""
 
+    @pytest.mark.slow
     def test_study_offline_tiny(self, tmp_path):
         """The default study with tiny knobs, end to end: source pretraining once per model, the
         target sweep, analyses, figures and findings.md; a second call skips every finished step."""
@@ -4492,6 +4497,7 @@ class TestStudy:
         assert (runs / "target" / "resnet18-lesions-n0-s0" / "summary.json").stat().st_mtime_ns == mtime
         assert (runs / "logs" / "analyze-resnet18-lesions-n6-s0.log").read_text() == log  # not run again
 
+    @pytest.mark.slow
     def test_study_failed_job_stops_every_worker(self, tmp_path):
         """The first job that fails stops every worker at once; study.sh (sweep.py) names the job and
         prints the end of its log (exit 1). A bad knob is one line, exit 2, nothing written."""
@@ -4514,6 +4520,7 @@ class TestStudy:
             assert res.returncode == 2 and error in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
             assert not (tmp_path / "x").exists()
 
+    @pytest.mark.slow
     def test_study_own_folder_from_weights(self, tmp_path):
         """Issue 14: `DATA=folder DATA_ROOT=... WEIGHTS=<file> bash study.sh` on a folder of your own
         images runs the sweep, the analyses and findings.md, grouped under the folder's name."""
@@ -4543,6 +4550,7 @@ class TestStudy:
             s = json.load(f)
         assert f"s0 {s['test'][s['metric']]:.3f}" in text
 
+    @pytest.mark.slow
     def test_study_own_data_from_weights(self, tmp_path):
         """DATA=... runs the sweep from WEIGHTS (a local checkpoint standing in for ImageNet), no
         source pretraining; one model, so F4 is 'not measured'. A missing WEIGHTS file is exit 2."""
@@ -4923,6 +4931,7 @@ class TestSweep:
         assert f"  killed (time limit, memory or scancel): {record['stages'][1]['jobs'][0]['id']}" in out
         assert "  not started (a stage it needs failed): figures" in out
 
+    @pytest.mark.slow
     def test_sweep_slurm_matches_local(self, tmp_path):
         """A tiny sweep (one model, 2 seeds, --subset, 1 epoch) submitted to SLURM (one job array per
         stage, afterok) gives the same summary.json files (minus timings) and findings.json as the
