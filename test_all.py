@@ -334,7 +334,49 @@ def _plots_write_run(root, model, data, n, seed, analyses=None, ref=None, summar
 
 class TestRundir:
     """rundir.py: the run directory: its files, written and read back with checks."""
-    # @@TestRundir
+
+    # ---- log.jsonl: one checked reader
+    def test_rundir_read_log_records_torn_last_line_and_nan(self, tmp_path):
+        """rundir.read_log (analyze.py's convergence and plots.py's curves): the records in order,
+        NaN tokens of older logs as null, per-class lists kept, a last line cut short by a kill left
+        out, no log at all an empty list."""
+        run = tmp_path / "run"
+        run.mkdir()
+        assert rundir.read_log(str(run)) == []
+        lines = ['{"iteration": 2, "train_loss": 1.5, "lr": 0.001}',
+                 '{"iteration": 4, "epoch": 0.5, "val": {"mean_auc": NaN, "loss": 0.7, '
+                 '"per_class_auc": [0.5, null]}, "best": true}']
+        (run / "log.jsonl").write_text("\n".join(lines) + '\n{"iteration": 6, "train_lo')
+        assert rundir.read_log(str(run)) == [
+            {"iteration": 2, "train_loss": 1.5, "lr": 0.001},
+            {"iteration": 4, "epoch": 0.5, "val": {"mean_auc": None, "loss": 0.7, "per_class_auc": [0.5, None]},
+             "best": True}]
+        (run / "log.jsonl").write_text("\n".join(lines) + "\n")
+        assert len(rundir.read_log(str(run))) == 2
+
+    @pytest.mark.parametrize("line", ['{"iteration": 6, "train_lo', '{"train_loss": 1.0}', '{"iteration": -1}',
+                                      '{"iteration": 2.5}', '{"iteration": 2, "val": [0.5]}',
+                                      '{"iteration": 2, "lr": "high"}', '{"iteration": 2, "val": {"auc": "x"}}',
+                                      '[1, 2]', ''],
+                             ids=["torn_inside", "no_iteration", "negative", "float_iteration", "val_list",
+                                  "text_value", "val_text", "not_object", "empty"])
+    def test_rundir_read_log_refuses_a_line_train_py_does_not_write(self, tmp_path, line):
+        """A line that is not a record train.py writes, anywhere but a torn last line, is one
+        ValueError naming the file and the line number."""
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "log.jsonl").write_text('{"iteration": 2, "lr": 0.1}\n' + line + '\n{"iteration": 4, "lr": 0.1}\n')
+        with pytest.raises(ValueError, match=r"log\.jsonl line 2 is not a record"):
+            rundir.read_log(str(run))
+
+    def test_rundir_plots_leaves_out_a_bad_log_with_a_note(self, tmp_path):
+        """plots.py draws no curves from a log that fails its check, and says so in a note."""
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "log.jsonl").write_text('{"iteration": 2}\n{not json\n{"iteration": 4}\n')
+        notes = []
+        assert plots.read_log(str(run), notes) == []
+        assert len(notes) == 1 and "log.jsonl line 2" in notes[0] and "left out" in notes[0]
 
 
 # ========================================================================================
@@ -730,7 +772,6 @@ class TestModels:
                 assert torch.equal(dst.state_dict()[k], v), k
         with pytest.raises(ValueError, match="state dict"):
             models.load_pretrained(dst, {"model": "nope"})
-    # @@TestModels
 
 
 # ========================================================================================
@@ -868,7 +909,6 @@ class TestInit:
         assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
         # the architecture's own scheme: timm-style truncated normal, std 0.02, for DeiT linears
         assert abs(a["blocks.0.mlp.fc1.weight"].std().item() - 0.02) < 0.002
-    # @@TestInit
 
 
 # ========================================================================================
@@ -1644,7 +1684,6 @@ class TestData:
         assert ident(a) == ident(a, seed=1) and ident(a) != ident(b)
         assert ident(None, 0, "lesions") != ident(None, 1, "lesions")
         assert re.fullmatch(r"[0-9a-f]{16}", ident(a))
-    # @@TestData
 
 
 # ========================================================================================
@@ -2406,7 +2445,6 @@ class TestMetrics:
         one_batch.update_activations([whole[n][0] for n in names], [whole[n][1] for n in names])
         assert one_batch.compute()[2, 2] == pytest.approx(metrics.cka(*whole["fc"]), abs=1e-6)  # float32 Grams
         assert acc.n_samples == 24 and acc.compute().shape == (3, 3)
-    # @@TestMetrics
 
 
 # ========================================================================================
@@ -3277,7 +3315,6 @@ class TestTrain:
         monkeypatch.undo()
         assert _train_main(args + ["--resume"])[0] == 0
         _train_same_run(out, ref)
-    # @@TestTrain
 
 
 # ========================================================================================
@@ -3778,7 +3815,6 @@ class TestAnalyze:
         lines = stderr.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and name in lines[0] and "Traceback" not in stderr, stderr
         assert not os.path.exists(os.path.join(run, "analysis"))
-    # @@TestAnalyze
 
 
 # ========================================================================================
@@ -4130,7 +4166,6 @@ class TestPlots:
         table = (out / "table.md").read_text()
         assert "| ResNet18 | WT n=6/6 |" in table and "| ResNet18 | WT-ST n=3/6 |" in table
         assert "| DeiT-T | ST n=0/14 |" in table
-    # @@TestPlots
 
 
 # ========================================================================================
@@ -4429,7 +4464,6 @@ class TestFindings:
         (tmp_path / "afile").write_text("x")
         res = _plots_run_cli("findings.py", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "afile"))
         assert res.returncode == 2 and "--out" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    # @@TestFindings
 
 
 # ========================================================================================
@@ -4570,7 +4604,6 @@ class TestStudy:
         assert doc["synthetic"]["F4"]["verdict"] == "not measured"
         res = _study(tmp_path / "x", DATA="synthetic", MODEL="resnet18", WEIGHTS=str(tmp_path / "nope.pt"))
         assert res.returncode == 2 and "nope.pt" in res.stderr and not (tmp_path / "x").exists()
-    # @@TestStudy
 
 
 # ========================================================================================
@@ -4958,7 +4991,6 @@ class TestSweep:
             _sweep_results(tmp_path / "local", tmp_path / "local-figs")
         assert len(slurm[0]) == 1 + 5 and slurm[0].keys() == local[0].keys()  # the source and 5 target runs
         assert slurm == local
-    # @@TestSweep
 
 
 # ========================================================================================
@@ -5016,6 +5048,36 @@ print("OK")
 '''
 
 
+_DOC_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+_RUNS_MARK = re.compile(r"<!-- test: runs(.*?) -->\n```bash\n(.*?)```", re.S)
+
+
+def _doc_pages():
+    return [Path(ROOT) / "README.md"] + sorted((Path(ROOT) / "docs").glob("*.md"))
+
+
+def _doc_anchors(path):
+    """GitHub's heading anchors of a Markdown file: lower case, punctuation but - dropped, spaces -> -."""
+    heads = [l.lstrip("#").strip() for l in path.read_text().splitlines() if re.match(r"#{1,6} ", l)]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def _readme_marked_blocks():
+    """[(marker text, [command lines])] of the README's blocks marked to run (continuations joined)."""
+    text = (Path(ROOT) / "README.md").read_text()
+    return [(m.group(1), [l for l in m.group(2).replace("\\\n", " ").splitlines() if l.strip()])
+            for m in _RUNS_MARK.finditer(text)]
+
+
+def _readme_command(line, extra, python):
+    """A README command line as the test runs it: our scripts by absolute path with this Python, and
+    the flags the marker names for each script appended (before a trailing comment)."""
+    line = line.split("  #")[0].strip()
+    words = line.split()
+    assert words[0] == "python" and words[1].endswith(".py"), line
+    return [python, os.path.join(ROOT, words[1]), *words[2:], *extra.get(words[1], [])]
+
+
 class TestReadme:
     """README.md and docs/: the copyable files and the documented commands."""
 
@@ -5047,4 +5109,70 @@ class TestReadme:
         res = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True,
                              timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
         assert res.returncode == 0, res.stdout + res.stderr
-    # @@TestReadme
+
+    # ---- links and command blocks of README.md and docs/
+    def test_readme_links_resolve(self):
+        """Every relative link (and image) in README.md and docs/*.md names a file that exists, and
+        its #anchor, if any, a heading of that file."""
+        checked = 0
+        for page in _doc_pages():
+            for target in _DOC_LINK.findall(page.read_text()):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                path, _, anchor = target.partition("#")
+                dest = (page.parent / path).resolve() if path else page
+                assert dest.exists(), f"{page.name}: link {target} names no file"
+                if anchor:
+                    assert anchor in _doc_anchors(dest), f"{page.name}: link {target}: no heading #{anchor}"
+                checked += 1
+        assert checked >= 15
+
+    def test_readme_setup_commands_and_layout(self):
+        """The README's two set-up commands stay true (the study installs requirements.txt and runs
+        study.sh; the tests command is the one .ci/run runs), it fits 200 lines, holds the findings
+        markers, and ends with the citation and the licence."""
+        text = (Path(ROOT) / "README.md").read_text()
+        setup = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+        blocks = re.findall(r"```bash\n(.*?)```", setup, re.S)
+        assert len(blocks) == 2, blocks
+        study, tests = (b.strip() for b in blocks)
+        assert study == "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && bash study.sh"
+        ci = (Path(ROOT) / ".ci" / "run").read_text()
+        assert tests.startswith("python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt && ")
+        assert tests.rsplit("&& ", 1)[1] in ci and "ruff check ." in ci
+        assert os.path.exists(os.path.join(ROOT, "requirements.txt")) and os.path.exists(os.path.join(ROOT, "study.sh"))
+        assert len(text.splitlines()) <= 200
+        assert text.count("<!-- findings:start -->") == 1 and text.count("<!-- findings:end -->") == 1
+        heads = re.findall(r"^## (.*)$", text, re.M)
+        assert heads[-2:] == ["Cite", "Licence"] and "@inproceedings{matsoukas2022" in text
+
+    def test_readme_marked_commands_run(self, tmp_path):
+        """Each README block marked `<!-- test: runs; SCRIPT with FLAGS; ... -->` runs, line by line,
+        in an empty folder: /data/APTOS2019 is a generated 40-image folder in APTOS's layout, the
+        ImageNet files are randomly initialised checkpoints in an empty $TORCH_HOME, and each
+        script's lines get the marker's tiny flags (docs: README, Tests and benchmarks)."""
+        blocks = _readme_marked_blocks()
+        assert blocks, "no README block is marked to run"
+        aptos = tmp_path / "APTOS2019"
+        _data_aptos(aptos, n=40)
+        hub = tmp_path / "torch" / "hub" / "checkpoints"
+        hub.mkdir(parents=True)
+        work = tmp_path / "work"
+        work.mkdir()
+        env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        for marker, lines in blocks:
+            extra = {}
+            for clause in marker.split(";")[1:]:
+                script, _, flags = clause.strip().partition(" with ")
+                extra[script] = flags.split()
+            for line in lines:
+                cmd = [w.replace("/data/APTOS2019", str(aptos)) for w in _readme_command(line, extra, sys.executable)]
+                if "--model" in cmd:
+                    model = cmd[cmd.index("--model") + 1]
+                    name = os.path.basename(models.PRETRAINED_URLS[model])
+                    if not (hub / name).exists():
+                        torch.save({"model": models.create_model(model).state_dict()}, hub / name)
+                res = subprocess.run(cmd, cwd=str(work), env=env, capture_output=True, text=True, timeout=300)
+                assert res.returncode == 0, f"{line}\n{res.stdout[-2000:]}{res.stderr[-3000:]}"
+        assert (work / "runs" / "deit_s-aptos-n5-s0" / "analysis" / "cka.json").exists()
+        assert any(f.startswith("sweep_") for f in os.listdir(work / "figures"))
