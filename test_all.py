@@ -1,8 +1,9 @@
 """The toolkit's tests: a class per file under test (TestRundir, TestModels, ..., TestReadme), each
 in sections named by behaviour; fixtures and helpers that several classes use come first.
 Everything: python -m pytest test_all.py -q (2 CPU cores, no GPU, no network).
-Quick loop: python -m pytest test_all.py -q -m "not slow" (leaves out the end-to-end tests:
-the offline study, sweeps, SLURM, DDP and the longer training runs)."""
+Quick loop: python -m pytest test_all.py -q -m "not slow" (leaves out the tests marked slow: end to
+end or heavy, i.e. the offline study, SLURM, DDP, training runs and resumes, a process per case, the
+larger models' init checks, the README's command blocks)."""
 import contextlib
 import copy
 import csv
@@ -793,7 +794,9 @@ def _init_pretrained(name):
     return state
 
 
-@pytest.fixture(scope="module", params=["deit_s", "swin_t", "resnet50", "inception_v3"])
+@pytest.fixture(scope="module", params=[pytest.param("deit_s", marks=pytest.mark.slow),
+                                        pytest.param("swin_t", marks=pytest.mark.slow), "resnet50",
+                                        pytest.param("inception_v3", marks=pytest.mark.slow)])
 def init_case(request):
     name = request.param
     size = 299 if name == "inception_v3" else 96
@@ -1428,6 +1431,7 @@ class TestData:
             data.build_datasets("aptos", root, img_size=16, workers=1)
         assert not [p for p in (root / ".wtst_cache").iterdir() if ".tmp" in p.name or p.suffix == ".npy"]
 
+    @pytest.mark.slow
     def test_data_cache_on_a_full_tmpfs_fails_fast(self, tmp_path):
         """Issue 23.1: a cache built on a disk that fills up hung until a 600 s timeout, twice, and
         left an 11.8 MB .npy.tmp<pid> behind. Now: one line naming the file and the space, exit 2,
@@ -1496,6 +1500,7 @@ class TestData:
         assert x.shape == (3, 40, 40) and isinstance(y, int)
         assert set(np.unique(a[0].labels)) == set(range(info["num_classes"]))
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("name, steps, floor", [("synthetic", 150, 0.35), ("shapes", 300, 0.6)])
     def test_data_generated_learnable(self, name, steps, floor, monkeypatch):
         """A tiny CNN trained a few hundred small steps (a few seconds on one CPU thread) is well
@@ -2655,6 +2660,7 @@ class TestTrain:
     """train.py: the training recipe, resumes, DDP, bad input and full disks."""
 
     # ---- a tiny run end to end, resume after a kill, DDP
+    @pytest.mark.slow
     def test_train_tiny_run_end_to_end(self, tmp_path):
         pre = _train_fake_imagenet(tmp_path)
         out = str(tmp_path / "run")
@@ -2746,6 +2752,7 @@ class TestTrain:
         rng = torch.load(os.path.join(ddp, "last.pt"), weights_only=True)["rng"]
         assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("extra, message", [
         (["--model", "resnet99"], "--model 'resnet99'"),
         (["--model", "resnet18", "--data", "mnist"], "--data 'mnist'"),
@@ -2762,6 +2769,7 @@ class TestTrain:
         err = p.stderr.strip().splitlines()
         assert len(err) == 1 and message in err[0], p.stderr
 
+    @pytest.mark.slow
     def test_train_mismatched_weights_and_nan_loss(self, tmp_path):
         # a DeiT checkpoint given to a ResNet: the mismatch is listed, exit 2
         w = tmp_path / "deit.pt"
@@ -2802,6 +2810,7 @@ class TestTrain:
         assert sorted(b0 + b1) == sorted(full[0])
 
     # ---- bad input, console output, the schedule's first steps, evaluation precision
+    @pytest.mark.slow
     @pytest.mark.parametrize("extra, message", _TRAIN_BAD, ids=[" ".join(e) for e, _ in _TRAIN_BAD])
     def test_train_bad_input_changes_nothing(self, train_done, tmp_path, extra, message):
         """Every bad input: exit 2, one line naming it, no traceback; with --overwrite the finished
@@ -2890,6 +2899,7 @@ class TestTrain:
             assert len(helptext) > 10, f"{e.split()[0]} has no help text"
             assert helptext.count("default") <= 1 and "default: None" not in helptext, e
 
+    @pytest.mark.slow
     def test_train_warmup_neither_stops_nor_cuts_lr(self, tmp_path):
         """Issue 10.1: an lr so small that the validation metric cannot move; patience 2 and plateau
         patience 0 would stop the run at iteration 6 and cut the lr at 4 if the warm-up (8) counted."""
@@ -2920,6 +2930,7 @@ class TestTrain:
         args = train.parse_args(["--model", "deit_s", "--data", "camelyon", "--init", "ri", "--img-size", "96"])
         assert train.resolve_config(args)["img_size"] == 96
 
+    @pytest.mark.slow
     def test_train_evaluation_is_float32_under_amp(self, tmp_path, monkeypatch):
         """Issue 10.3: training in bf16 autocast (CPU here), the test figure of summary.json equals a
         float32 evaluation of best.pt (what analyze.py's re-init baseline computes)."""
@@ -2978,6 +2989,7 @@ class TestTrain:
         assert f"aptos_x_r36_y.npy.tmp{dead}" not in names and f"aptos_x_r36_y.npy.tmp{live}" in names
 
     # ---- exact resumes, run identity, one writer per run folder, full disks
+    @pytest.mark.slow
     @pytest.mark.parametrize("name, size", [("swin_t", 64), ("inception_v3", 75), ("resnet18", 32)])
     def test_train_resume_exact_for_models_that_draw(self, tmp_path, monkeypatch, name, size):
         """Issue 19.5: killed right after the first last.pt (mid-epoch: iteration 1 of 2) and resumed,
@@ -3085,6 +3097,7 @@ class TestTrain:
                 raise KeyError
         assert _train_tf32() == tf32_on
 
+    @pytest.mark.slow
     def test_train_resume_refuses_another_precision_or_device(self, train_killed, tmp_path, monkeypatch):
         """Issue 19.6: a run trained in float32 on the CPU, resumed where --amp resolves to fp16 or
         bf16: one line naming both precisions, nothing changed (was: GradScaler.load_state_dict({}))."""
@@ -3095,6 +3108,7 @@ class TestTrain:
         cfg = json.load(open(os.path.join(out, "config.json")))["config"]
         assert cfg["precision"] == "float32" and cfg["device_type"] == "cpu"
 
+    @pytest.mark.slow
     def test_train_resume_epochs_change_is_recorded(self, train_killed, tmp_path):
         """Issue 19.7: --resume --epochs 3 on a 2-epoch run trains 3 epochs and config.json says so
         (with when it changed); the run equals an uninterrupted 3-epoch run (the schedule does not
@@ -3121,6 +3135,7 @@ class TestTrain:
         one = [a if a != "3" or args[i - 1] != "--epochs" else "1" for i, a in enumerate(args)]
         _train_refused(one + ["--out", cut, "--resume"], cut, "--epochs 1", "1.5 epochs")
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("damage", ["deleted", "truncated", "other_run", "best_deleted"])
     def test_train_resume_rebuilds_init_and_best(self, train_killed, tmp_path, damage):
         """Issue 19.7: init.pt deleted, truncated or replaced, then --resume: rebuilt exactly from the
@@ -3149,6 +3164,7 @@ class TestTrain:
         doc = json.load(open(os.path.join(out, "config.json")))
         assert train.state_checksum(got) == doc["init_sha256"]
 
+    @pytest.mark.slow
     def test_train_resume_refuses_init_it_cannot_rebuild(self, train_killed, tmp_path):
         """Issue 19.7: init.pt gone and the --weights file changed since: the rebuilt init would be
         another one, so --resume refuses (one line naming init.pt), changing nothing."""
@@ -3163,6 +3179,7 @@ class TestTrain:
         rundir.save_json(os.path.join(out, "config.json"), doc)
         _train_refused(args + ["--out", out, "--resume"], str(tmp_path), "init.pt", "is missing", "--weights")
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("case", ["log_deleted", "log_cut", "best_over_last", "foreign_key", "other_model",
                                       "other_run", "best_deleted", "progress"])
     def test_train_resume_refuses_damaged_run_files(self, train_killed, tmp_path, case):
@@ -3203,6 +3220,7 @@ class TestTrain:
             torch.save(ck, last)
         _train_refused(train_killed["args"] + ["--out", out, "--resume"], out, name, "--resume")
 
+    @pytest.mark.slow
     def test_train_refuses_run_files_without_config(self, train_killed, tmp_path):
         """Issue 23.5: a folder with run files but no config.json is no new run: --resume and
         --overwrite refuse it (one line naming the files), nothing changed (was: treated as new,
@@ -3212,6 +3230,7 @@ class TestTrain:
         for extra in (["--resume"], ["--overwrite"], []):
             _train_refused(train_killed["args"] + ["--out", out] + extra, out, "no config.json", "last.pt", "log.jsonl")
 
+    @pytest.mark.slow
     def test_train_one_writer_per_run_folder(self, train_killed, tmp_path, monkeypatch):
         """Issue 23.3: while another process holds a run folder's lock, train.py refuses with one line
         naming the holder (exit 2, nothing changed); a finished run is still reported as finished.
@@ -3237,6 +3256,7 @@ class TestTrain:
         assert rc == 2 and "another process changed the run" in stderr and len(stderr.strip().splitlines()) == 1
         assert os.path.exists(os.path.join(out, "last.pt")) and not os.path.exists(os.path.join(out, "summary.json"))
 
+    @pytest.mark.slow
     def test_train_two_processes_on_one_new_folder(self, tmp_path):
         """Issue 23.3: two train.py started at once on the same new --out: one trains, the other
         exits 2 with one line; the log holds one run's lines (was: 16 interleaved lines, both exit 0)."""
@@ -3252,6 +3272,7 @@ class TestTrain:
         log = open(os.path.join(out, "log.jsonl")).read().splitlines()
         assert len(log) == 4 and [json.loads(l)["iteration"] for l in log] == [2, 2, 4, 4]
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("name", ["deit_t", "resnet18"])
     def test_train_full_disk_tmpfs(self, tmp_path, tmpfs, monkeypatch, train_refs, name):
         """Issue 23.6 on a real full disk: --out on a 30 MB tmpfs. DeiT-T (init.pt 22 MB fits, last.pt
@@ -3288,6 +3309,7 @@ class TestTrain:
         if name == "deit_t":
             assert rundir.read_config(out)["run_id"] == run_id
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("name, fail_at", [("resnet18", "init.pt"), ("resnet18", "last.pt"), ("deit_t", "last.pt"),
                                                ("resnet18", "best.pt"), ("resnet18", "summary.json"),
                                                ("resnet18", "log.jsonl")])
@@ -3590,6 +3612,7 @@ class TestAnalyze:
         job = analyze.prepare(analyze.parse_args(["--run", shared, "--metric", "all", "--skip", "attention"] + a))
         assert analyze.shared_pass(job, analyze.parse_args(["--run", shared] + a))["reinit"] is not None
 
+    @pytest.mark.slow
     def test_analyze_warns_on_small_samples(self, analyze_runs, tmp_path, capsys):
         """Issue 10.7: k > bank size and CKA over fewer images than --batch-size: one-line warnings."""
         _, wt = analyze_runs
@@ -3603,6 +3626,7 @@ class TestAnalyze:
         assert analyze.main(["--run", run, "--metric", "cka", "--batch-size", "8", "--device", "cpu"]) == 0
         assert "warning" not in capsys.readouterr().err
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("case", list(_ANALYZE_BAD))
     def test_analyze_bad_input_fails_before_writing(self, case, analyze_runs, tmp_path):
         """Issue 13: one line on stderr, exit 2, no traceback, and every analysis folder as it was
@@ -3934,6 +3958,7 @@ class TestPlots:
     """plots.py: the figures and tables."""
 
     # ---- figures from hand-written and tiny runs
+    @pytest.mark.slow
     def test_plots_handwritten_runs(self, tmp_path):
         runs, out = tmp_path / "runs", tmp_path / "figs"
         partial, unfinished = _plots_write_runs(str(runs))
@@ -4784,6 +4809,7 @@ class TestSweep:
         todo = [j["id"] for j in sweep.pending(jobs)[0]]
         assert f"train {wt}" in todo and f"analyze {wt}" in todo
 
+    @pytest.mark.slow
     def test_sweep_print_executor(self, tmp_path):
         """--executor print: the commands of the jobs left, one per line in dependency order, each a
         shell line giving back the job's argv; the summary goes to stderr; nothing is written."""
@@ -5081,6 +5107,7 @@ def _readme_command(line, extra, python):
 class TestReadme:
     """README.md and docs/: the copyable files and the documented commands."""
 
+    @pytest.mark.slow
     def test_copyable_files_work_alone_on_timm(self, tmp_path):
         """Issue 12 done-when: models.py, init.py and metrics.py copied alone into a folder, with
         only that folder (and site-packages) on the path: CKA of a timm DeiT against ours on the
@@ -5099,6 +5126,7 @@ class TestReadme:
                              timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
         assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout + res.stderr
 
+    @pytest.mark.slow
     def test_readme_own_code_example_runs(self, tmp_path):
         """The README section "Use the analyses in your own code" runs as written."""
         pytest.importorskip("timm")
@@ -5146,6 +5174,7 @@ class TestReadme:
         heads = re.findall(r"^## (.*)$", text, re.M)
         assert heads[-2:] == ["Cite", "Licence"] and "@inproceedings{matsoukas2022" in text
 
+    @pytest.mark.slow
     def test_readme_marked_commands_run(self, tmp_path):
         """Each README block marked `<!-- test: runs; SCRIPT with FLAGS; ... -->` runs, line by line,
         in an empty folder: /data/APTOS2019 is a generated 40-image folder in APTOS's layout, the
