@@ -795,7 +795,8 @@ def _init_pretrained(name):
 
 
 @pytest.fixture(scope="module", params=[pytest.param("deit_s", marks=pytest.mark.slow),
-                                        pytest.param("swin_t", marks=pytest.mark.slow), "resnet50",
+                                        pytest.param("swin_t", marks=pytest.mark.slow),
+                                        pytest.param("resnet50", marks=pytest.mark.slow),
                                         pytest.param("inception_v3", marks=pytest.mark.slow)])
 def init_case(request):
     name = request.param
