@@ -17,7 +17,6 @@ models.py), so this file has no model-specific code.
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -210,7 +209,8 @@ def prepare(args):
     skip = [m.strip() for m in (args.skip or "").split(",") if m.strip()]
     bad = [m for m in skip if m not in METRICS]
     if bad:
-        raise ValueError(f"--skip {args.skip}: {bad[0]!r} is not an analysis (expected names from {', '.join(METRICS)})")
+        raise ValueError(f"--skip {args.skip}: {bad[0]!r} is not an analysis "
+                         f"(expected names from {', '.join(METRICS)})")
     if skip and args.metric != "all":
         raise ValueError(f"--skip {args.skip}: only with --metric all")
     todo = [m for m in METRICS if m not in skip] if args.metric == "all" else [args.metric]
@@ -516,30 +516,10 @@ def label(job):
 
 # ----------------------------------------------------------------------------- the analyses
 def read_curve(run, metric):
-    """[[iteration, validation metric]] from a run's log.jsonl, every line checked first; a line
-    train.py does not write is one error naming the file and the line."""
-    path = os.path.join(run, rundir.LOG)
-    if not os.path.isfile(path):
+    """[[iteration, validation metric]] from a run's log.jsonl (rundir.read_log: every line checked)."""
+    if not os.path.isfile(os.path.join(run, rundir.LOG)):
         warn(f"--run {run}: no {rundir.LOG}: the convergence curve is empty")
-        return []
-    if os.path.getsize(path) > rundir.MAX_JSON_BYTES:
-        raise ValueError(f"--run {run}: {path} is larger than any log train.py writes; not reading it")
-    curve = []
-    with open(path, "rb") as f:
-        for i, line in enumerate(f, 1):
-            try:  # parse_constant: older logs wrote NaN for an undefined validation metric
-                r = json.loads(line, parse_constant=lambda c: None)
-            except (ValueError, RecursionError):
-                r = None
-            val = r.get("val") if isinstance(r, dict) else None
-            if not (isinstance(r, dict) and rundir.is_int(r.get("iteration"), 0, rundir.MAX_INT)
-                    and ("val" not in r or (isinstance(val, dict)
-                                            and (val.get(metric) is None or rundir.is_number(val[metric]))))):
-                raise ValueError(f"--run {run}: {path} line {i} is not a record train.py writes "
-                                 "({\"iteration\", ...} with a numeric \"val\")")
-            if "val" in r:
-                curve.append([r["iteration"], val.get(metric)])
-    return curve
+    return [[r["iteration"], r["val"].get(metric)] for r in rundir.read_log(run) if "val" in r]
 
 
 def convergence(job, args, shared):

@@ -55,7 +55,6 @@ import data
 import metrics
 import models
 
-
 # ========================================================================================
 # models
 # ========================================================================================
@@ -429,7 +428,8 @@ def bench_cka(argv):
     ap.add_argument("--layers", default="deit_s,resnet50",
                     help=f"comma-separated layer sets from {sorted(_METRICS_LAYER_SETS)}")
     ap.add_argument("--resnet-downscale", type=int, default=2,
-                    help="divide the CNN layers' H and W by this; default 2 (a 112 px input) keeps the CPU run to a few minutes, 1 gives the 224 px shapes")
+                    help="divide the CNN layers' H and W by this; default 2 (a 112 px input) keeps the CPU run "
+                         "to a few minutes, 1 gives the 224 px shapes")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -481,7 +481,8 @@ def bench_knn(argv):
           f"{args.classes} classes, device {args.device}")
     state = args.queries * args.k * 8  # the running top-k: float32 similarity + int32 index per neighbour
     runs = [(f"ours, query chunks of {args.chunk_size}",
-             lambda: metrics.knn_predict(bank, yb, queries, args.k, num_classes=args.classes, chunk_size=args.chunk_size),
+             lambda: metrics.knn_predict(bank, yb, queries, args.k, num_classes=args.classes,
+                                         chunk_size=args.chunk_size),
              (args.chunk_size * (2 * args.bank + args.k) + args.bank * args.dim) * 4 + state),  # sims + candidates
             (f"ours, + bank chunks of {args.bank_chunk_size}",
              lambda: metrics.knn_predict(bank, yb, queries, args.k, num_classes=args.classes,
@@ -491,7 +492,8 @@ def bench_knn(argv):
              lambda: _bench_metrics_knn_bruteforce(bank, yb, queries, args.k, 0.1, args.classes),
              (args.queries * args.bank + (args.bank + args.queries) * args.dim
               + args.queries * args.k * args.classes) * 4)]  # full sims + normalised copies + one-hot
-    print(f"  {'method':52s} {'wall s':>7s} {'cpu s':>7s} {'est. peak MiB':>14s} {'meas. MiB':>10s} {'max |diff|':>11s}")
+    print(f"  {'method':52s} {'wall s':>7s} {'cpu s':>7s} {'est. peak MiB':>14s} {'meas. MiB':>10s} "
+          f"{'max |diff|':>11s}")
     out = []
     for name, fn, est in runs:
         if cuda:

@@ -481,7 +481,8 @@ def _read_folder(root):
     if given and len(given) < 3:
         missing = [s + "/" for s in ("train", "val", "test") if s not in given]
         raise ValueError(f"folder: {root} has {', '.join(s + '/' for s in given)} but no {', '.join(missing)} "
-                         f"(expected all of train/, val/, test/, each with the class folders, or the class folders directly)")
+                         "(expected all of train/, val/, test/, each with the class folders, "
+                         "or the class folders directly)")
     parts = given or [""]
     classes = sorted(set().union(*(_subfolders(root / p) for p in parts)))
     _check_classes("folder", classes, f"{root}" + (" (train/, val/, test/ together)" if given else ""))
@@ -501,7 +502,8 @@ def _read_folder(root):
     for c in classes:
         if sum(count[p, c] for p in parts) == 0:
             other = [f for f in skipped if c in f.relative_to(root).parts[:2]]
-            raise ValueError(f"folder: class '{c}' has no image file in {' or '.join(str(root / p / c) for p in parts)} "
+            where = " or ".join(str(root / p / c) for p in parts)
+            raise ValueError(f"folder: class '{c}' has no image file in {where} "
                              f"(expected {exts} files" + (f"; found {len(other)} other file(s), e.g. {other[0].name})"
                                                           if other else ")"))
         if given and count["train", c] == 0:
@@ -569,7 +571,7 @@ def _user_split(name, table, seed, saved=None):
     when there are patients, else within each class (so every class reaches val and test)."""
     heldout = _SPECS[name]["heldout"]
     if table.splits is not None:
-        parts, by = {"train": table.splits["train"], "val": table.splits["val"], "test": table.splits["test"]}, "folders"
+        parts, by = {s: table.splits[s] for s in ("train", "val", "test")}, "folders"
     elif saved is not None:
         parts, by = saved, "split file"
     elif table.groups is not None:
@@ -723,7 +725,7 @@ def _read_split(name, path, ids, quiet=False):
     except (ValueError, KeyError, TypeError, OSError):
         pass
     if not quiet:
-        warnings.warn(f"{name}: split file {path} does not match the dataset's images; rewriting it")
+        warnings.warn(f"{name}: split file {path} does not match the dataset's images; rewriting it", stacklevel=2)
     return None
 
 
@@ -871,6 +873,7 @@ def _decode_rows(name, tmp, rows, paths, mode, r, workers):
     that dies (killed, out of memory) is an error naming the dataset, never a wait forever."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
     if not rows:
         return
@@ -899,7 +902,7 @@ def _build_camelyon(root, img_size, tfms):
     out = {}
     for split, tag in (("train", "train"), ("val", "valid"), ("test", "test")):
         paths = {k: root / f"camelyonpatch_level_2_split_{tag}_{k}.h5" for k in ("x", "y")}
-        for k, p in paths.items():
+        for p in paths.values():
             if not p.is_file():
                 hint = f" (found {p.name}.gz: gunzip it first)" if Path(f"{p}.gz").is_file() else ""
                 raise FileNotFoundError(f"camelyon: {p} does not exist{hint}")
@@ -913,7 +916,8 @@ def _build_camelyon(root, img_size, tfms):
                     raise ValueError(f"camelyon: {paths['x']} has no dataset 'x' (found {list(f.keys())})")
                 xs, xd = f["x"].shape, f["x"].dtype
         except OSError as e:
-            raise ValueError(f"camelyon: cannot read HDF5 file ({e}) (expected {_SPECS['camelyon']['layout']})") from None
+            raise ValueError(f"camelyon: cannot read HDF5 file ({e}) "
+                             f"(expected {_SPECS['camelyon']['layout']})") from None
         if len(xs) != 4 or xs[3] != 3 or xd != np.uint8:
             raise ValueError(f"camelyon: {paths['x']} 'x' is {xd} {xs} (expected uint8 [N, 96, 96, 3])")
         if xs[0] != len(y):
@@ -946,7 +950,7 @@ def make_fundus(n, seed, res=GENERATED_RES):
     for s in range(0, n, 500):
         g = labels[s:s + 500]
         b = len(g)
-        u = lambda lo, hi, *shape: rng.uniform(lo, hi, (b,) + shape).astype(np.float32)
+        u = lambda lo, hi, *shape, b=b: rng.uniform(lo, hi, (b,) + shape).astype(np.float32)
         cy, cx, rad = u(-.06, .06, 1, 1), u(-.06, .06, 1, 1), u(.82, .95, 1, 1)
         d = np.sqrt((gy - cy) ** 2 + (gx - cx) ** 2) / rad
         inside = np.clip((1 - d) * 12, 0, 1)
@@ -966,7 +970,7 @@ def make_fundus(n, seed, res=GENERATED_RES):
         for k in range(int(count.max(initial=0))):
             on = np.nonzero(k < count)[0]
             m = len(on)
-            v = lambda lo, hi: rng.uniform(lo, hi, (m, 1, 1)).astype(np.float32)
+            v = lambda lo, hi, m=m: rng.uniform(lo, hi, (m, 1, 1)).astype(np.float32)
             lr, la = 0.8 * np.sqrt(v(0, 1)), v(0, 6.28)
             ly, lx = cy[on] + lr * rad[on] * np.sin(la), cx[on] + lr * rad[on] * np.cos(la)
             size = v(.03, .05) * (1 + 0.25 * g[on, None, None]) * rad[on]
@@ -1011,7 +1015,7 @@ def make_shapes(n, seed, res=GENERATED_RES):
         lab = labels[s:s + 500]
         b = len(lab)
         shape, tex = lab // 2, rng.integers(0, 4, b)
-        u = lambda lo, hi, *sh: rng.uniform(lo, hi, (b,) + sh).astype(np.float32)
+        u = lambda lo, hi, *sh, b=b: rng.uniform(lo, hi, (b,) + sh).astype(np.float32)
         # background: two colours of one brightness level in a coarse texture along a random direction
         dark_bg = (lab % 2 == 0)[:, None, None, None]
         bg_lvl = np.where(dark_bg, u(.05, .35, 1, 1, 1), u(.65, .95, 1, 1, 1))
@@ -1059,7 +1063,7 @@ def make_lesions(n, seed, res=GENERATED_RES, factors=False):
     for s in range(0, n, 500):
         lab = labels[s:s + 500]
         b = len(lab)
-        u = lambda lo, hi, *sh: rng.uniform(lo, hi, (b,) + sh).astype(np.float32)
+        u = lambda lo, hi, *sh, b=b: rng.uniform(lo, hi, (b,) + sh).astype(np.float32)
         # skin under a dermoscope: tone, uneven light, the dark edge of the round field
         tone = u(.75, 1.05, 1, 1, 1)
         skin = np.array([.88, .70, .60], np.float32) * tone + u(-.05, .05, 1, 1, 3)
@@ -1078,7 +1082,9 @@ def make_lesions(n, seed, res=GENERATED_RES, factors=False):
         rho = np.sqrt((gy - cy) ** 2 + (gx - cx) ** 2) / (radius * r)
         m = sum((rho < 1 + k * width / radius).astype(np.float32) for k in np.linspace(-1, 1, 7)) / 7
         pigment = np.array([.30, .18, .12], np.float32) + u(-.08, .08, 1, 1, 3)
-        mottle = 1 + .12 * np.sin(u(10, 20, 1, 1) * gx + u(0, 6.28, 1, 1)) * np.sin(u(10, 20, 1, 1) * gy + u(0, 6.28, 1, 1))
+        fx, phx = u(10, 20, 1, 1), u(0, 6.28, 1, 1)  # mottle: a product of two sine waves
+        fy, phy = u(10, 20, 1, 1), u(0, 6.28, 1, 1)
+        mottle = 1 + .12 * np.sin(fx * gx + phx) * np.sin(fy * gy + phy)
         contrast = u(.85, 1, 1, 1, 1)
         img = img + (pigment * mottle[..., None] - img) * m[..., None] * contrast
         img = img * field[..., None] + (rng.random((b, res, res, 3), dtype=np.float32) - .5) * LESION_NOISE

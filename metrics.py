@@ -250,7 +250,7 @@ class CKAAccumulator:
         if n >= self.min_n:
             return False
         warnings.warn(f"CKAAccumulator: skipped a batch of {n} samples "
-                      f"({'debiased' if self.debiased else 'biased'} HSIC needs n >= {self.min_n})")
+                      f"({'debiased' if self.debiased else 'biased'} HSIC needs n >= {self.min_n})", stacklevel=2)
         return True
 
     def update(self, grams_a, grams_b=None):
@@ -454,7 +454,8 @@ class KNNAccumulator:
         if num_classes is None:
             num_classes = labels.shape[1] if multilabel else int(labels.max()) + 1
         if self.k > self.seen:
-            warnings.warn(f"knn_predict: k={self.k} is larger than the bank ({self.seen} items); using k={self.seen}")
+            warnings.warn(f"knn_predict: k={self.k} is larger than the bank ({self.seen} items); using k={self.seen}",
+                          stacklevel=2)
         real = min(self.k, self.seen)  # while the set fills, its first `seen` columns are the real items
         out = []
         for s, idx in zip(self.sims[:, :real].split(self.chunk_size), self.index[:, :real].split(self.chunk_size)):

@@ -16,15 +16,15 @@ Files written to --out (one per format for figures), x = WT fraction n/N, 0 = ST
 | `cka_init_<model>_<data>.png` | CKA fine-tuned (rows) vs initial (columns) layers, one panel per n (Fig. 9, 12) |
 | `cka_ref_<model>_<data>.png` | CKA fine-tuned (rows) vs the --ref run's fine-tuned layers, e.g. WT vs ST (Fig. 10) |
 | `cka_types_<model>_<data>.png` | DeiT only: as cka_ref (cka_init if no ref), rows = cls / patches / all (Fig. 11) |
-| `knn_<model>_<data>.png` | k-NN metric vs depth, one line per n (per feature type for DeiT), and its max over depth vs WT fraction (Fig. 13, 15) |
+| `knn_<model>_<data>.png` | k-NN metric vs depth per n (DeiT: per feature type); max over depth vs n (Fig. 13, 15) |
 | `knn_max_<data>.png` | max k-NN metric over depth vs WT fraction, one line per model (Fig. 14) |
 | `reinit_<model>_<data>.png` | test metric with one layer reverted to init, and the drop, one line per n (Fig. 16) |
 | `l2_<model>_<data>.png` | l2 distance init -> fine-tuned per layer, one line per n (Fig. 17) |
 | `attention_<model>_<data>.png` | DeiT only: mean attention distance per block, one line per n (Fig. 18) |
-| `curves_<model>_<data>.png` | training loss, validation metric and lr vs iteration of every run, one colour per WT fraction (from log.jsonl) |
-| `convergence_<data>.png` | iterations to the best validation metric vs WT fraction, and the speed-up over ST = mean ST iterations / iterations (Fig. 19) |
-| `table.md`, `table.csv` | test metric mean +- sample std over seeds, rows = (model, init), columns = datasets (Table 4: DeiT-S vs DeiT-S-5b) |
-| `findings.md`, `findings.json` | the paper's findings F1-F4 tested over seeds (findings.py: Welch's t-test, effect, 95% interval, p, and supported / not resolved / contradicted / not measured) per dataset with ST and WT runs (also printed) |
+| `curves_<model>_<data>.png` | training loss, validation metric and lr vs iteration (log.jsonl), a colour per n |
+| `convergence_<data>.png` | iterations to the best validation vs n, and the speed-up over ST (Fig. 19) |
+| `table.md`, `table.csv` | test metric mean +- sample std over seeds, rows (model, init), columns datasets (Table 4) |
+| `findings.md`, `findings.json` | findings F1-F4 tested over seeds per dataset with ST and WT runs (findings.py) |
 """
 import argparse
 import csv
@@ -35,16 +35,28 @@ import os
 import sys
 import warnings
 
-import numpy as np
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 import findings  # noqa: E402
 import rundir  # noqa: E402
-from findings import (DATA_ORDER, MODEL_ORDER, SETTINGS, arr, by_key, by_n, init_label, n_key,  # noqa: E402
-                      nanmean, order, pretty, test_value)
+from findings import (  # noqa: E402
+    DATA_ORDER,
+    MODEL_ORDER,
+    SETTINGS,
+    arr,
+    by_key,
+    by_n,
+    init_label,
+    n_key,
+    nanmean,
+    order,
+    pretty,
+    test_value,
+)
 
 TYPES = ["cls", "patches", "all"]
 MAX_TICKS = 26  # layer tick labels per axis before thinning
@@ -57,24 +69,13 @@ def model_color(model):
 
 
 # ----------------------------------------------------------------------------- reading runs
-def read_log(path, notes):
-    """log.jsonl as a list of records (lines that do not parse are skipped with a note)."""
-    records, bad = [], 0
+def read_log(run, notes):
+    """rundir.read_log; a log that fails its check is left out of the curves with a note."""
     try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    bad += 1
-                    continue
-                if isinstance(r, dict) and isinstance(r.get("iteration"), (int, float)):
-                    records.append(r)
-    except OSError:
+        return rundir.read_log(run)
+    except ValueError as e:
+        notes.append(f"note: {e}; its training curves are left out")
         return []
-    if bad:
-        notes.append(f"note: {path}: {bad} line(s) that are not JSON skipped")
-    return records
 
 
 def find_runs(root):
@@ -82,7 +83,7 @@ def find_runs(root):
     (log.jsonl) for the curves; and the notes."""
     runs, notes = findings.find_runs(root)
     for r in runs:
-        r["log"] = read_log(os.path.join(r["dir"], "log.jsonl"), notes)
+        r["log"] = read_log(r["dir"], notes)
     return runs, notes
 
 
@@ -206,7 +207,7 @@ def save(fig, out, name, formats, written):
     """Save each format atomically (rundir.atomic_write: a full disk is one error naming the file)."""
     for fmt in formats:
         path = os.path.join(out, f"{name}.{fmt}")
-        rundir.atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150))
+        rundir.atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=150))
         written.append(path)
     plt.close(fig)
 
@@ -418,7 +419,7 @@ def plot_knn(runs, model, data, args, written):
                              squeeze=False)
     axes = axes[0]
     for ax, t in zip(axes, types):
-        layer_lines(ax, groups, N, lambda d: d["values"].get(t, []), args, layers)
+        layer_lines(ax, groups, N, lambda d, t=t: d["values"].get(t, []), args, layers)
         ax.set_title(f"k-NN per layer, features: {t}", fontsize=9)
         ax.set_xlabel("layer")
         ax.set_ylabel(f"k-NN test {pretty(metric)}")
@@ -426,7 +427,7 @@ def plot_knn(runs, model, data, args, written):
     ax = axes[-1]
     colors = {"cls": "tab:blue", "patches": "tab:orange", "all": "tab:green"}
     for t in types:
-        x, Y, ri = fraction_sweep(groups, N, lambda d: best_layer(d, t))
+        x, Y, ri = fraction_sweep(groups, N, lambda d, t=t: best_layer(d, t))
         if x.size:
             band(ax, x, Y, args.spread, f"features: {t}", colors[t])
         if ri:

@@ -7,7 +7,7 @@ Standard library only (no torch), so the tools that never touch a model stay lig
     <run>/init.pt         the model right after initialisation
     <run>/best.pt         the best validation checkpoint
     <run>/last.pt         everything a resume needs (removed when the run finishes)
-    <run>/log.jsonl       training and validation records
+    <run>/log.jsonl       training and validation records, a JSON object a line (`read_log`)
     <run>/summary.json    written last: the run is finished
     <run>/analysis/<metric>.json   analyze.py's results, each tagged with the run's run_id
     <run>/.lock           held (flock) by the one process writing the run
@@ -460,7 +460,8 @@ def load_run(path, flag="--run", need_summary=False):
     files but no config.json, or any file that fails its check, is a ValueError naming it."""
     run = os.fspath(path).rstrip("/") or "/"
     if not os.path.isdir(run):
-        raise FileNotFoundError(f"{flag} {run}: no such folder (expected a run directory: train.py writes its config.json)")
+        raise FileNotFoundError(f"{flag} {run}: no such folder "
+                                "(expected a run directory: train.py writes its config.json)")
     doc = read_config(run, flag)
     summary = read_summary(run, doc["data"].get("metric"), flag)
     if summary is None and need_summary:
@@ -468,6 +469,48 @@ def load_run(path, flag="--run", need_summary=False):
                          "(train.py ... --resume) first")
     return {"dir": run, "config": doc["config"], "data": doc["data"], "doc": doc, "run_id": doc.get("run_id"),
             "summary": summary}
+
+
+def _log_number(v):
+    return v is None or is_number(v)
+
+
+def _log_record(r):
+    """A record train.py writes: a whole-number "iteration"; numbers (finite), booleans or null;
+    "val" an object of numbers or null, or lists of them (per-class values)."""
+    return (isinstance(r, dict) and is_int(r.get("iteration"), 0, MAX_INT)
+            and all(k == "val" or _log_number(v) or isinstance(v, bool) for k, v in r.items())
+            and ("val" not in r or (isinstance(r["val"], dict) and all(
+                _log_number(v) or (isinstance(v, list) and all(map(_log_number, v))) for v in r["val"].values()))))
+
+
+def read_log(run, flag="--run"):
+    """The records of a run's log.jsonl, in order ([] when the run has none), every line checked.
+    A last line without its newline is a write cut short by a kill (train.py --resume cuts it
+    off) and is left out; any other line that is not a record train.py writes is one ValueError
+    naming the file and the line. NaN/Infinity tokens (older logs) read as null."""
+    path = os.path.join(run, LOG)
+    try:
+        if os.path.getsize(path) > MAX_JSON_BYTES:
+            raise ValueError(f"{flag} {run}: {path} is larger than any log train.py writes; not reading it")
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ValueError(f"{flag} {run}: {path}: unreadable ({e.strerror})") from None
+    lines.pop()  # the text after the last newline: empty, or a line cut short
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            r = json.loads(line, parse_constant=lambda c: None)
+        except (ValueError, RecursionError):
+            r = None
+        if not _log_record(r):
+            raise ValueError(f"{flag} {run}: {path} line {i} is not a record train.py writes "
+                             "({\"iteration\", ...} with numbers or null, \"val\" an object of them)")
+        records.append(r)
+    return records
 
 
 def has_run_files(folder):
@@ -501,7 +544,8 @@ def check_analysis(metric, doc, path):
     def vector(v, what, length=None):
         _need(isinstance(v, list) and (length is None or len(v) == length)
               and all(x is None or is_number(x) for x in v), where,
-              f"{what} is not a list of {length if length is not None else ''} finite numbers or null".replace("  ", " "))
+              f"{what} is not a list of {length if length is not None else ''} finite numbers or null"
+              .replace("  ", " "))
 
     def matrix(m, what, rows):
         _need(isinstance(m, list) and len(m) == rows and all(isinstance(r, list) for r in m), where,

@@ -216,7 +216,8 @@ def check_data(study):
     if study["offline"]:
         for flag, name in (("--source", study["source"]), ("--target", study["data"])):
             if name not in data.GENERATED_TASKS:
-                raise Stop(f"{flag} {name}: the offline study uses generated tasks ({', '.join(data.GENERATED_TASKS)}); "
+                raise Stop(f"{flag} {name}: the offline study uses generated tasks "
+                           f"({', '.join(data.GENERATED_TASKS)}); "
                            "for data on disk pass --data and --data-root")
         return
     root = study["data_root"]
@@ -713,7 +714,8 @@ def last_submission(runs):
             what = (f"failed (exit {rc})" if rc is not None else
                     "killed (time limit, memory or scancel)" if os.path.exists(out) else
                     "not started (a stage it needs failed)")
-            lines.append(f"  {what}: {job['id']}: log {job['log']}" + (f", SLURM log {out}" if os.path.exists(out) else ""))
+            slurm_log = f", SLURM log {out}" if os.path.exists(out) else ""
+            lines.append(f"  {what}: {job['id']}: log {job['log']}{slurm_log}")
     if lines:
         lines.insert(0, f"sweep.py: the last submission ({sub.get('time')}, jobs {' '.join(ids)}) left "
                         f"{len(lines)} task(s) unfinished:")
@@ -823,7 +825,8 @@ def build_parser():
     e.add_argument("--gpus-per-job", default=None, help="slurm: GPUs per task (--gres=gpu:K)")
     e.add_argument("--cpus-per-job", default=None, help="slurm: CPUs per task (--cpus-per-task)")
     e.add_argument("--time", default=None, help="slurm: time limit per task (e.g. 4:00:00)")
-    e.add_argument("--slurm-extra", default=None, help="slurm: more sbatch flags, e.g. --slurm-extra='--account=x --qos=y'")
+    e.add_argument("--slurm-extra", default=None,
+                   help="slurm: more sbatch flags, e.g. --slurm-extra='--account=x --qos=y'")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-task", nargs="+", default=None, help=argparse.SUPPRESS)
 
@@ -906,7 +909,8 @@ def local_sweep(jobs, study, facts, args):
     if study["device"] and study["device"].startswith("cuda") and gpus == 0:
         raise Stop(f"--device {study['device']}: no CUDA device on this machine")
     on_gpus = gpus and study["device"] in (None, "cuda")
-    workers = whole("--workers", args.workers) if args.workers is not None else None if on_gpus else len(study["models"])
+    workers = (whole("--workers", args.workers) if args.workers is not None
+               else None if on_gpus else len(study["models"]))
     threads = whole("--threads", args.threads) if args.threads is not None else None
     envs = worker_envs(study["device"], workers, threads, gpus, os.cpu_count() or 1,
                        os.environ.get("CUDA_VISIBLE_DEVICES"))

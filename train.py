@@ -134,33 +134,52 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help=f"one of {', '.join(models.MODELS)}")
     p.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)}")
-    p.add_argument("--data-root", default=None, help="dataset folder in its published layout, or your images for folder/csv (default: none; not needed for synthetic/shapes)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder in its published layout, or your images for folder/csv (default: none; not "
+                        "needed for synthetic/shapes)")
     p.add_argument("--metric", default=None, choices=data.SINGLE_LABEL_METRICS,
                    help="task metric (default: the dataset's; folder/csv: roc_auc for two classes, else macro_recall)")
-    p.add_argument("--n", type=int, default=None, help="WT-ST-n/m: first n module groups WT, the rest ST (default: N, full WT)")
-    p.add_argument("--init", choices=["wt", "st", "ri"], default=None, help="shorthand: wt = n=N, st = n=0, ri = random init (default: from --n)")
-    p.add_argument("--weights", default="imagenet", help="'imagenet' (the published checkpoint, from the torch.hub cache) or a checkpoint path, e.g. runs/x/best.pt")
-    p.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the dataset's, 224 for the medical sets as in the recipe)")
+    p.add_argument("--n", type=int, default=None,
+                   help="WT-ST-n/m: first n module groups WT, the rest ST (default: N, full WT)")
+    p.add_argument("--init", choices=["wt", "st", "ri"], default=None,
+                   help="shorthand: wt = n=N, st = n=0, ri = random init (default: from --n)")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (the published checkpoint, from the torch.hub cache) or a checkpoint path, e.g. "
+                        "runs/x/best.pt")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size in pixels (default: the dataset's, 224 for the medical sets as in the recipe)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (split over DDP processes)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (Adam), reached after the warm-up")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="on weights that are not 1-D and not biases")
     p.add_argument("--warmup", type=int, default=1000, help="linear warm-up iterations")
     p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=10, help="validations (every half epoch) without improvement before stopping; counted after the warm-up")
-    p.add_argument("--plateau-patience", type=int, default=3, help="lr x 0.1 once more than this many validations in a row bring no improvement (PyTorch's ReduceLROnPlateau patience: with 3, at the 4th); counted after the warm-up")
+    p.add_argument("--patience", type=int, default=10,
+                   help="validations (every half epoch) without improvement before stopping; counted after the "
+                        "warm-up")
+    p.add_argument("--plateau-patience", type=int, default=3,
+                   help="lr x 0.1 once more than this many validations in a row bring no improvement (PyTorch's "
+                        "ReduceLROnPlateau patience: with 3, at the 4th); counted after the warm-up")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping global norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init, data order and augmentation")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (kept fixed across --seed)")
-    p.add_argument("--subset", type=int, default=None, help="use at most this many images per split (default: all; for quick runs)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the train/val/test split (kept fixed across --seed)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="use at most this many images per split (default: all; for quick runs)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>-<init>-s<seed>)")
     p.add_argument("--runs-dir", default="runs", help="parent of the default run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt (a finished run is skipped)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (after every input is checked)")
-    p.add_argument("--keep-last", action="store_true", help="keep last.pt (optimiser state, 3x the model) after the run finishes")
-    p.add_argument("--sync-bn", action="store_true", help="DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only), as one GPU computes them; without it each process normalises over its own share")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from last.pt (a finished run is skipped)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run directory (after every input is checked)")
+    p.add_argument("--keep-last", action="store_true",
+                   help="keep last.pt (optimiser state, 3x the model) after the run finishes")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only), as one GPU "
+                        "computes them; without it each process normalises over its own share")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto",
-                   help="mixed precision for training on CUDA (auto: bf16 if supported, else fp16); CPU and evaluation run float32")
+                   help="mixed precision for training on CUDA (auto: bf16 if supported, else fp16); "
+                        "CPU and evaluation run float32")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 8 on CUDA, 0 on CPU)")
     p.add_argument("--cache-dir", default=None, help="where the pre-resized image cache lives (default: see data.py)")
     p.add_argument("--log-every", type=int, default=20, help="log the training loss every k iterations")
@@ -231,7 +250,8 @@ def resolve_config(args, world=1):
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     tag = "ri" if init == "ri" else f"n{n}"
-    out = args.out or os.path.join(args.runs_dir, f"{args.model}-{data.display_name(args.data, args.data_root)}-{tag}-s{args.seed}")
+    default_name = f"{args.model}-{data.display_name(args.data, args.data_root)}-{tag}-s{args.seed}"
+    out = args.out or os.path.join(args.runs_dir, default_name)
     cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "keep_last", "out", "runs_dir")}
     cfg.update(img_size=img_size, n=n, N=N, init=init, out=out, world_size=world,
                weights=None if init == "ri" else args.weights)
@@ -276,8 +296,8 @@ def param_groups(model, weight_decay):
 class Schedule:
     """Linear warm-up over `warmup` iterations, then the rule of PyTorch's ReduceLROnPlateau
     (mode max, factor 0.1, threshold 0): x0.1 once more than `patience` validations in a row
-    bring no new best (patience 2: at the 3rd), the count then starting again. Validations inside the warm-up update the best but never count
-    as bad: the plateau starts once the warm-up is over."""
+    bring no new best (patience 2: at the 3rd), the count then starting again. Validations inside the
+    warm-up update the best but never count as bad: the plateau starts once the warm-up is over."""
 
     def __init__(self, lr, warmup, patience, factor=0.1):
         self.lr, self.warmup, self.patience, self.factor = lr, warmup, patience, factor
@@ -339,7 +359,8 @@ def evaluate(model, loader, device, info, rank=0, world=1):
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, (s, l, loss_sum, count))
-        s = np.concatenate([p[0] for p in parts]); l = np.concatenate([p[1] for p in parts])
+        s = np.concatenate([p[0] for p in parts])
+        l = np.concatenate([p[1] for p in parts])
         loss_sum, count = sum(p[2] for p in parts), sum(p[3] for p in parts)
     model.train()
     res = {info["metric"]: metrics.task_metric(info["metric"], s, l), "loss": loss_sum / max(1, count)}
@@ -576,7 +597,8 @@ class Trainer:
                         return f"diverged: non-finite training loss ({mean_loss}) near iteration {p['iteration']}"
                     self.write_log({"iteration": p["iteration"], "train_loss": mean_loss,
                                     "lr": self.opt.param_groups[0]["lr"]})
-                    loss_acc.zero_(); loss_n = 0
+                    loss_acc.zero_()
+                    loss_n = 0
                 if at_val:
                     p["train_seconds"] += time.perf_counter() - t0
                     if p["pos"] == self.sampler.steps:
@@ -608,8 +630,10 @@ class Trainer:
                    "n": self.cfg["n"], "N": self.cfg["N"], "seed": self.cfg["seed"], "metric": self.info["metric"],
                    "best_val_metric": p["best_metric"] if math.isfinite(p["best_metric"]) else None,
                    "best_iteration": p["best_iteration"], "convergence_iteration": p["best_iteration"],
-                   "test": test, "iterations": p["iteration"], "epochs_run": p["epoch"] + p["pos"] / self.sampler.steps,
-                   "validations": p["validations"], "stop_reason": "diverged" if reason.startswith("diverged") else reason,
+                   "test": test, "iterations": p["iteration"],
+                   "epochs_run": p["epoch"] + p["pos"] / self.sampler.steps,
+                   "validations": p["validations"],
+                   "stop_reason": "diverged" if reason.startswith("diverged") else reason,
                    "stop_detail": reason, "wall_seconds": wall,
                    "train_seconds": p["train_seconds"],
                    "images_per_second": p["images"] / p["train_seconds"] if p["train_seconds"] > 0 else None}
