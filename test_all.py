@@ -1482,17 +1482,20 @@ class TestData:
         images[0] = 255
         assert data._channel_mean_std(images) == ((0.5,) * 3, (0.5,) * 3)
 
-    @pytest.mark.parametrize("name", ["synthetic", "shapes"])
-    def test_data_generated_deterministic(self, name, monkeypatch):
+    @pytest.mark.parametrize("name, size, classes, metric", [("synthetic", 200, 5, "quadratic_kappa"),
+                                                              ("shapes", 320, 8, "macro_recall"),
+                                                              ("lesions", 120, 2, "roc_auc")])
+    def test_data_generated_deterministic(self, name, size, classes, metric, monkeypatch):
         monkeypatch.setattr(data, "SYNTHETIC_SIZE", 200)
         monkeypatch.setattr(data, "SHAPES_SIZE", 320)
+        monkeypatch.setattr(data, "LESIONS_SPLIT", (60, 30, 30))
         a = data.build_datasets(name, None, img_size=40, seed=0)
         b = data.build_datasets(name, None, img_size=40, seed=0)
         c = data.build_datasets(name, None, img_size=40, seed=1)
         info = a[3]
-        assert info["num_classes"] == (5 if name == "synthetic" else 8) and info["root"] is None
-        assert info["metric"] == ("quadratic_kappa" if name == "synthetic" else "macro_recall")
-        assert sum(info["sizes"].values()) == (200 if name == "synthetic" else 320) and a[3] == b[3]
+        assert info["num_classes"] == classes and info["root"] is None
+        assert info["metric"] == metric
+        assert sum(info["sizes"].values()) == size and a[3] == b[3]
         for da, db, dc in zip(a[:3], b[:3], c[:3]):
             np.testing.assert_array_equal(da.labels, db.labels)
             assert torch.equal(data.eval_view(da)[0][0], data.eval_view(db)[0][0])
@@ -1500,6 +1503,23 @@ class TestData:
         x, y = a[0][0]
         assert x.shape == (3, 40, 40) and isinstance(y, int)
         assert set(np.unique(a[0].labels)) == set(range(info["num_classes"]))
+
+    def test_data_lesions_label_is_the_border_alone(self):
+        """The target's label is a factor the source never labels (a regular or notched border):
+        only irregular lesions have notches, and every other drawn factor (skin tone, size,
+        elongation, pigment contrast) has the same distribution in both classes (class means
+        within 4 standard errors on 4,000 lesions)."""
+        _, labels, f = data.make_lesions(4000, 3, res=16, factors=True)
+        assert set(np.unique(labels)) == {0, 1} and abs(labels.mean() - 0.5) < 0.01
+        lo, hi = data.LESION_NOTCHES
+        assert (f["notches"][labels == 0] == 0).all()
+        assert ((f["notches"][labels == 1] >= lo) & (f["notches"][labels == 1] <= hi)).all()
+        for k in ("tone", "radius", "elongation", "contrast"):
+            a, b = f[k][labels == 0], f[k][labels == 1]
+            se = np.sqrt(a.var() / len(a) + b.var() / len(b))
+            assert abs(a.mean() - b.mean()) < 4 * se, k
+        assert data.LESION_CLASSES == ["regular", "irregular"]
+        assert not set(data.LESION_CLASSES) & set(data.SHAPE_NAMES)
 
     @pytest.mark.slow
     @pytest.mark.parametrize("name, steps, floor", [("synthetic", 150, 0.35), ("shapes", 300, 0.6)])
@@ -4341,6 +4361,48 @@ class TestFindings:
         assert 3 < m["seeds_needed"] <= 100
         assert f"about {m['seeds_needed']} seeds per initialisation would resolve" in text
 
+    def test_findings_runs_that_did_not_learn_leave_f2_f3_not_measured(self, tmp_path):
+        """ST runs at chance (test ROC AUC ~0.5) learned nothing: their best iteration is a noise
+        peak and their features had no reason to move, so F2 and F3 say 'not measured' and why;
+        ST runs clearly above chance keep the tested verdicts. F1 is tested either way."""
+        root = tmp_path / "runs"
+        for seed in (0, 1, 2):
+            for n in (0, 3, 6):
+                _plots_write_run(str(root), "resnet18", "synthetic", n, seed)  # ROC AUC
+            for n, auc in ((0, 0.95), (6, 0.99)):
+                run = root / f"resnet18-synthetic-n{n}-s{seed}"
+                _findings_edit(str(run / "config.json"), lambda d: d.update(sizes=[64, 32, 200]))
+                _findings_edit(str(run / "summary.json"), lambda s, a=auc + 0.01 * seed: s["test"].update(roc_auc=a))
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        _, doc = _findings(root, tmp_path / "a")
+        v = _findings_verdicts(doc, "synthetic")
+        assert v["F2"] != "not measured" and v["F3"] != "not measured", v
+        for seed in (0, 1, 2):
+            _findings_edit(str(root / f"resnet18-synthetic-n0-s{seed}" / "summary.json"),
+                           lambda s, a=(0.49, 0.52, 0.50)[seed]: s["test"].update(roc_auc=a))
+        text, doc = _findings(root, tmp_path / "b")
+        v = _findings_verdicts(doc, "synthetic")
+        assert v["F2"] == "not measured" and v["F3"] == "not measured", v
+        assert v["F1"] == "supported"
+        assert "the ST runs did not learn the task" in text and "z-test" in text
+
+    def test_findings_chance_level_of_roc_auc_matches_a_simulation(self):
+        """learned() uses the Mann-Whitney null variance (n+1)/(3n^2) of a test ROC AUC (n images
+        in two equal classes); a simulation of random scores gives the same spread."""
+        from sklearn.metrics import roc_auc_score
+
+        import findings
+        rng = np.random.default_rng(0)
+        y = np.repeat([0, 1], 100)
+        aucs = [roc_auc_score(y, rng.random(200)) for _ in range(3000)]
+        assert abs(np.var(aucs) / (201 / (3 * 200 ** 2)) - 1) < 0.1
+        run = lambda s, a: {"seed": s, "metric": "roc_auc", "sizes": [10, 10, 200],  # noqa: E731
+                            "summary": {"test": {"roc_auc": a}}}
+        assert findings.learned([run(0, 0.56), run(1, 0.55), run(2, 0.54)])[0] is True   # z = 2.1
+        assert findings.learned([run(0, 0.52), run(1, 0.50), run(2, 0.51)])[0] is False  # z = 0.42
+        assert findings.learned([dict(run(0, 0.9), metric="macro_recall")])[0] is None   # chance unknown
+
     def test_findings_censored_convergence(self, tmp_path):
         """F2 with runs stopped by their budget (best iteration = a lower bound): censored WT runs give
         `not measured`, naming them; censored ST runs leave a `supported` verdict standing (the true
@@ -4702,7 +4764,7 @@ class TestSweep:
     """sweep.py: planning and running a sweep locally and on SLURM."""
 
     def test_sweep_plan_offline(self, tmp_path):
-        """The offline study's plan: per model one source pretraining, 3 seeds x n in {0, N/2, N}
+        """The offline study's plan: per model one source pretraining, 5 seeds x n in {0, N}
         from the source's best.pt, RI on the first seed, an analysis per run (re-init only on the
         first seed's WT run, CKA --ref ST on each WT run, attention only for the ViT), then the
         figures after everything; jobs in dependency order, the commands those of the old study.sh."""
@@ -4710,7 +4772,7 @@ class TestSweep:
         study = _sweep_study(tmp_path)
         jobs = sweep.plan(study, _SWEEP_FACTS)
         assert not (tmp_path / "runs").exists()  # pure: nothing written
-        assert len(jobs) == 2 * (1 + 3 * 3 + 1 + 10) + 1 == 43
+        assert len(jobs) == 2 * (1 + 5 * 2 + 1 + 11) + 1 == 47
         by_id, seen = _sweep_by_id(jobs), set()
         assert len(by_id) == len(jobs)
         for j in jobs:  # dependency order; argv lists, never shell strings
@@ -4725,15 +4787,15 @@ class TestSweep:
         wt = by_id[f"train {runs}/target/deit_t-lesions-n14-s2"]
         assert wt["needs"] == [f"train {runs}/source/deit_t-shapes"]
         assert wt["argv"] == ["train.py", "--model", "deit_t", "--data", "lesions", "--n", "14", "--weights",
-                              f"{runs}/source/deit_t-shapes/best.pt", "--img-size", "48", "--lr", "0.001",
-                              "--epochs", "5", "--batch-size", "32", "--warmup", "6", "--patience", "6",
+                              f"{runs}/source/deit_t-shapes/best.pt", "--img-size", "64", "--lr", "0.0003",
+                              "--epochs", "30", "--batch-size", "32", "--warmup", "6", "--patience", "6",
                               "--plateau-patience", "2", "--seed", "2", "--device", "cpu",
                               "--out", f"{runs}/target/deit_t-lesions-n14-s2", "--resume"]
         ri = [j for j in jobs if j["kind"] == "train" and "-ri-" in j["id"]]
         assert [os.path.basename(j["run"]) for j in ri] == ["resnet18-lesions-ri-s0", "deit_t-lesions-ri-s0"]
         assert all(j["needs"] == [] and "--weights" not in j["argv"] for j in ri)
         analyses = [j for j in jobs if j["kind"] == "analyze"]
-        assert len(analyses) == 20
+        assert len(analyses) == 22
         full = sorted(os.path.basename(j["run"]) for j in analyses if "--skip" not in j["argv"])
         assert full == ["deit_t-lesions-n14-s0", "resnet18-lesions-n6-s0"]
         a = by_id[f"analyze {runs}/target/resnet18-lesions-n6-s1"]
