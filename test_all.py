@@ -5237,6 +5237,19 @@ class TestReadme:
         heads = re.findall(r"^## (.*)$", text, re.M)
         assert heads[-2:] == ["Cite", "Licence"] and "@inproceedings{matsoukas2022" in text
 
+    def test_readme_findings_are_the_ones_the_study_wrote(self):
+        """The README's findings table is the table of docs/findings.md, a findings.md that
+        findings.py wrote from a measured run (machine, date and seeds in it), not numbers typed
+        by hand: refresh both with `cp figures/findings.md docs/` and the table into the README."""
+        text = (Path(ROOT) / "README.md").read_text()
+        block = text.split("<!-- findings:start -->\n", 1)[1].split("<!-- findings:end -->", 1)[0].strip()
+        doc = (Path(ROOT) / "docs" / "findings.md").read_text()
+        assert doc.startswith("# Findings\n") and "Written " in doc and "seeds of " in doc
+        table = re.search(r"^\| finding \|.*?(?=\n\n)", doc, re.S | re.M).group(0).strip()
+        assert block == table
+        for verdict in re.findall(r"^\| F\d \| [^|]* \| \*\*([a-z ]+)\*\*", table, re.M):
+            assert verdict in ("supported", "not resolved", "contradicted", "not measured")
+
     @pytest.mark.slow
     def test_readme_marked_commands_run(self, tmp_path):
         """Each README block marked `<!-- test: runs; SCRIPT with FLAGS; ... -->` runs, line by line,
