@@ -944,8 +944,9 @@ def slurm_sweep(jobs, study, facts, args):
         record = submit_slurm(todo, study, resources, threads)
     ids = [s["job_id"] for s in record["stages"]]
     for s in record["stages"]:
-        print(f"   stage {s['stage']}: job array {s['job_id']} ({len(s['jobs'])} tasks: "
-              f"{', '.join(sorted({j['kind'] for j in s['jobs']}))})")
+        tasks = f"{len(s['jobs'])} task" + ("s" if len(s["jobs"]) > 1 else "")
+        kinds = ", ".join(sorted({j["kind"] for j in s["jobs"]}))
+        print(f"   stage {s['stage']}: job array {s['job_id']} ({tasks}: {kinds})")
     print(f"   follow: squeue -j {','.join(ids)}    logs: tail -f {os.path.join(study['runs'], 'logs')}/*.log")
     print("   the same command again reports failed tasks and submits what is left (finished work is kept)")
     return 0
