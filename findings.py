@@ -605,6 +605,10 @@ def f4_attention(model, m):
                     f"WT {seed_text(cls_wt, '{:.3f}')}",
                     f"  (CLS key dropped, not renormalised; not used: ST {seed_text(drop_st, '{:.2f}')}; "
                     f"WT {seed_text(drop_wt, '{:.2f}')})", "  " + res["text"]]
+    chance = unlearned(m, "their attention is still that of their initial weights, not of a trained model")
+    if chance is not None:  # the distances are shown, the test is not
+        chance["window"], chance["lines"] = res["window"], res["lines"][:3] + ["  " + chance["text"]]
+        return chance
     return res
 
 

@@ -4363,27 +4363,33 @@ class TestFindings:
 
     def test_findings_runs_that_did_not_learn_leave_f2_f3_not_measured(self, tmp_path):
         """ST runs at chance (test ROC AUC ~0.5) learned nothing: their best iteration is a noise
-        peak and their features had no reason to move, so F2 and F3 say 'not measured' and why;
-        ST runs clearly above chance keep the tested verdicts. F1 is tested either way."""
+        peak, their features had no reason to move and their attention is their init's, so F2, F3
+        and F4's attention half say 'not measured' and why; ST runs clearly above chance keep the
+        tested verdicts. F1 is tested either way."""
         root = tmp_path / "runs"
-        for seed in (0, 1, 2):
-            for n in (0, 3, 6):
-                _plots_write_run(str(root), "resnet18", "synthetic", n, seed)  # ROC AUC
-            for n, auc in ((0, 0.95), (6, 0.99)):
-                run = root / f"resnet18-synthetic-n{n}-s{seed}"
-                _findings_edit(str(run / "config.json"), lambda d: d.update(sizes=[64, 32, 200]))
-                _findings_edit(str(run / "summary.json"), lambda s, a=auc + 0.01 * seed: s["test"].update(roc_auc=a))
+        for model, N in (("resnet18", 6), ("deit_s", 14)):
+            for seed in (0, 1, 2):
+                for n in (0, N // 2, N):
+                    _plots_write_run(str(root), model, "synthetic", n, seed)  # ROC AUC
+                for n, auc in ((0, 0.95), (N, 0.99)):
+                    run = root / f"{model}-synthetic-n{n}-s{seed}"
+                    _findings_edit(str(run / "config.json"), lambda d: d.update(sizes=[64, 32, 200]))
+                    _findings_edit(str(run / "summary.json"),
+                                   lambda s, a=auc + 0.01 * seed: s["test"].update(roc_auc=a))
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         _, doc = _findings(root, tmp_path / "a")
         v = _findings_verdicts(doc, "synthetic")
         assert v["F2"] != "not measured" and v["F3"] != "not measured", v
-        for seed in (0, 1, 2):
-            _findings_edit(str(root / f"resnet18-synthetic-n0-s{seed}" / "summary.json"),
-                           lambda s, a=(0.49, 0.52, 0.50)[seed]: s["test"].update(roc_auc=a))
+        assert doc["synthetic"]["F4"]["halves"]["attention"] != "not measured"
+        for model in ("resnet18", "deit_s"):
+            for seed in (0, 1, 2):
+                _findings_edit(str(root / f"{model}-synthetic-n0-s{seed}" / "summary.json"),
+                               lambda s, a=(0.49, 0.52, 0.50)[seed]: s["test"].update(roc_auc=a))
         text, doc = _findings(root, tmp_path / "b")
         v = _findings_verdicts(doc, "synthetic")
         assert v["F2"] == "not measured" and v["F3"] == "not measured", v
+        assert doc["synthetic"]["F4"]["halves"]["attention"] == "not measured"  # ST attention: still its init's
         assert v["F1"] == "supported"
         assert "the ST runs did not learn the task" in text and "z-test" in text
 
