@@ -4613,7 +4613,7 @@ class TestStudy:
         assert reinit == {"resnet18-lesions-n6-s0", "deit_t-lesions-n14-s0"}, reinit
         assert (runs / "target" / "deit_t-lesions-ri-s0" / "analysis" / "attention.json").exists()
         doc = _study_check_findings(tmp_path, "lesions", ["resnet18", "deit_t"])
-        assert doc["lesions"]["F4"]["verdict"] != "not measured"  # a ViT and a CNN are there
+        assert doc["lesions"]["F4"]["halves"]["gain"] != "not measured"  # a ViT and a CNN are there
         figs = set(os.listdir(tmp_path / "figs"))
         assert "sweep_lesions.png" in figs and not [f for f in figs if "shapes" in f]  # source not plotted
         assert "findings.md" in res.stdout and "| F1 |" in res.stdout  # printed too
