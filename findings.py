@@ -4,13 +4,16 @@
 
 For every dataset with ST (n=0) and WT (n=N) runs, each finding and each model: the effect in
 the paper's direction (e.g. mean WT test metric - mean ST test metric), its 95% interval and
-p-value from Welch's t-test over seeds, and a verdict:
+p-value from Welch's t-test over seeds, and a verdict. The tests behind a dataset's verdicts
+(one per finding and model, one per F4 gain pair) are one family: their p-values get Holm's
+correction, so that a study of several findings says `supported` by luck at most 5% of the
+time over all of them, not 5% for each:
 
-- `supported`: the interval lies above zero (the test rejects "no effect" at 5%, two-sided,
-  in the paper's direction);
-- `not resolved`: the interval holds zero; the text says how many seeds per initialisation
-  an effect of the observed size and spread would need (80% power), or "no effect seen";
-- `contradicted`: the interval lies below zero (significant against the paper);
+- `supported`: the Holm-adjusted p is below 0.05 and the effect is in the paper's direction
+  (two-sided test);
+- `not resolved`: it is not; the text says how many seeds per initialisation an effect of
+  the observed size and spread would need (80% power at 0.05 / tests), or "no effect seen";
+- `contradicted`: significant (Holm) against the paper's direction;
 - `not measured`: the runs cannot show it (missing runs or analyses, a model fact that is
   not recorded, or convergence censored by the iteration budget: the runs are named).
 
@@ -18,6 +21,10 @@ A finding over several models is `supported` only when it is for every model mea
 `contradicted` when it is for any. Why Welch: with 3 seeds per initialisation it keeps its 5%
 level for unequal spreads (the test's calibration is in test_all.py: about 2-3% of simulated
 no-effect studies come out `supported`), and its interval reads in the metric's own units.
+Why Holm: with one test per finding and model, 5 tests at 5% each would call something
+`supported` by luck in about 12% of studies of no effect; a verdict that a new set of seeds
+undoes is one a reader should not cite. Holm controls that chance over the family at 5% for
+any dependence between the tests, and is uniformly more powerful than Bonferroni.
 The Student t distribution is computed here (regularized incomplete beta by continued
 fraction), so this file needs only numpy, the standard library and rundir.py.
 
@@ -49,8 +56,8 @@ SETTINGS = ["img_size", "subset", "split_seed", "epochs", "lr", "batch_size", "w
 
 SUPPORTED, NOT_RESOLVED, CONTRADICTED, NOT_MEASURED = "supported", "not resolved", "contradicted", "not measured"
 VERDICTS = (SUPPORTED, NOT_RESOLVED, CONTRADICTED, NOT_MEASURED)
-TEST = ("Welch's t-test over seeds (two-sided, 5%; 95% Welch interval; for a difference of gains, "
-        "its Welch-Satterthwaite form over four groups)")
+TEST = ("Welch's t-test over seeds (two-sided; 95% Welch interval; for a difference of gains, its "
+        "Welch-Satterthwaite form over four groups), verdicts at 5% after Holm's correction over the dataset's tests")
 ALPHA, POWER = 0.05, 0.8
 MAX_SEEDS = 100      # seeds per initialisation beyond which "would resolve it" stops: no effect seen
 MIN_SEEDS = 3        # fewer seeds per initialisation: findings.md warns that little can be resolved
@@ -303,10 +310,13 @@ def welch(groups, coefs=(1.0, -1.0), level=0.95):
     return out
 
 
-def verdict_of(test):
-    """The verdict word of a test: from its interval (above zero: supported; below: contradicted)."""
+def verdict_of(test, p_family=None):
+    """The verdict word of a test: from its interval (above zero: supported; below: contradicted),
+    or, for a test in a family, from its Holm-adjusted p (below ALPHA: the effect's sign decides)."""
     if test["ci"] is None:
         return NOT_RESOLVED
+    if p_family is not None:
+        return NOT_RESOLVED if p_family >= ALPHA else SUPPORTED if test["effect"] > 0 else CONTRADICTED
     lo, hi = test["ci"]
     return SUPPORTED if lo > 0 else CONTRADICTED if hi < 0 else NOT_RESOLVED
 
@@ -346,6 +356,18 @@ def combine(parts):
     return SUPPORTED if all(w == SUPPORTED for w in measured) else NOT_RESOLVED
 
 
+def holm(pvalues):
+    """Holm's step-down adjusted p-values of {key: p}: the i-th smallest p (i = 0, 1, ...) times
+    (m - i), kept non-decreasing, at most 1. Rejecting where the adjusted p < ALPHA keeps the
+    chance of any false rejection among the m tests at ALPHA, whatever their dependence."""
+    out, running = {}, 0.0
+    keys = sorted(pvalues, key=lambda k: pvalues[k])
+    for i, k in enumerate(keys):
+        running = max(running, min(1.0, (len(keys) - i) * pvalues[k]))
+        out[k] = running
+    return out
+
+
 # ----------------------------------------------------------------------------- one comparison
 def fmt_p(test):
     if test["exact"]:
@@ -369,17 +391,22 @@ def finite(pairs):
     return [v for _, v in pairs if math.isfinite(v)]
 
 
-def compare(named, coefs, what, fmt):
+def compare(named, coefs, what, fmt, family=None):
     """Welch's test over groups [(label, [(seed, value)])] and its verdict, as a part result:
-    {"verdict", "effect", "ci", "p", "df", "seeds", "text", "test"}; `what` names the effect."""
+    {"verdict", "effect", "ci", "p", "df", "seeds", "text", "test"}; `what` names the effect.
+    family: (Holm-adjusted p, number of tests) when the test is one of a dataset's verdicts
+    (findings_for); its verdict then comes from the adjusted p (added as "p_holm", "family")."""
     groups = [finite(pairs) for _, pairs in named]
     empty = [label for (label, _), g in zip(named, groups, strict=True) if not g]
     if empty:  # e.g. a test metric that is null in every run of a group
         return not_measured(f"{what}: no value in {', '.join(empty)}")
     seeds = {label: [s for s, v in pairs if math.isfinite(v)] for label, pairs in named}
     test = welch(groups, coefs)
-    res = {"verdict": verdict_of(test), "effect": test["effect"], "ci": test["ci"], "p": test["p"],
+    p_family, m = family if family is not None and test["p"] is not None else (None, 1)
+    res = {"verdict": verdict_of(test, p_family), "effect": test["effect"], "ci": test["ci"], "p": test["p"],
            "df": test["df"], "seeds": seeds, "test": test}
+    if p_family is not None:
+        res.update(p_holm=p_family, family=m)
     if test["ci"] is None:
         one = [label for (label, _), g in zip(named, groups, strict=True) if len(g) == 1]
         res["text"] = (f"{what} {fmt.format(test['effect'])}; 1 seed in {', '.join(one)}: no spread, so no test: "
@@ -387,14 +414,16 @@ def compare(named, coefs, what, fmt):
         return res
     lo, hi = test["ci"]
     df = "" if test["exact"] else f", df {test['df']:.1f}"
+    adjusted = "" if p_family is None else f", Holm-adjusted over {m} test{'s' * (m > 1)} p = {p_family:.3f}"
     res["text"] = (f"{what} {fmt.format(test['effect'])}, 95% interval [{fmt.format(lo)}, {fmt.format(hi)}], "
-                   f"{fmt_p(test)}{df}: {res['verdict']}")
+                   f"{fmt_p(test)}{df}{adjusted}: {res['verdict']}")
     if res["verdict"] == NOT_RESOLVED:
-        n = seeds_needed(groups, coefs, test["effect"])
+        n = seeds_needed(groups, coefs, test["effect"], alpha=ALPHA / m)
         res["seeds_needed"] = n
+        level = "" if m == 1 else f" at level {ALPHA}/{m}"
         res["text"] += (f" (no effect seen: one this small would need over {MAX_SEEDS} seeds per initialisation)"
                         if n is None else f" (about {n} seeds per initialisation would resolve an effect of this "
-                        "size and spread, 80% power)")
+                        f"size and spread, 80% power{level})")
     return res
 
 
@@ -406,8 +435,9 @@ def not_measured(why):
 def public(part):
     """The JSON form of a part result: verdict, effect, ci, p, seeds (and why / seeds needed)."""
     out = {k: part.get(k) for k in ("verdict", "effect", "ci", "p", "df", "seeds")}
-    if "seeds_needed" in part:
-        out["seeds_needed"] = part["seeds_needed"]
+    for k in ("p_holm", "family", "seeds_needed"):
+        if k in part:
+            out[k] = part[k]
     out["text"] = part["text"]
     return out
 
@@ -492,10 +522,11 @@ def inits(mruns):
             "mid": [(n, rs) for n, rs in g.items() if n is not None and 0 < n < N]}
 
 
-def f1(m, metric):
-    """WT above ST (the verdict); WT-ST-n/m in between and WT above RI (sub-results)."""
+def f1(m, metric, family=None):
+    """WT above ST (the verdict); WT-ST-n/m in between and WT above RI (sub-results, not in the family:
+    each at its own 5%)."""
     wt, st = values_of(m["wt"], test_value), values_of(m["st"], test_value)
-    res = compare([("WT", wt), ("ST", st)], (1, -1), f"WT - ST test {metric}", "{:+.3f}")
+    res = compare([("WT", wt), ("ST", st)], (1, -1), f"WT - ST test {metric}", "{:+.3f}", family)
     res["lines"] = [f"test {metric}: WT {seed_text(wt, '{:.3f}')}; ST {seed_text(st, '{:.3f}')}", res["text"]]
     res["sub"] = {}
     for n, rs in sorted(m["mid"], key=lambda kv: kv[0]):
@@ -520,10 +551,10 @@ def f1(m, metric):
     return res
 
 
-def f2(m, metric):
+def f2(m, metric, family=None):
     """WT reaches its best validation in fewer iterations than ST; censored runs decide 'not measured'."""
     wt, st = values_of(m["wt"], best_iteration), values_of(m["st"], best_iteration)
-    res = compare([("ST", st), ("WT", wt)], (1, -1), "ST - WT iterations to the best validation", "{:+.1f}")
+    res = compare([("ST", st), ("WT", wt)], (1, -1), "ST - WT iterations to the best validation", "{:+.1f}", family)
     chance = unlearned(m, "their best validation is a peak of noise, not a convergence")
     if chance is not None:
         chance["lines"] = [f"iterations to the best validation {metric}: WT {seed_text(wt, '{:.0f}')}; "
@@ -554,7 +585,7 @@ def f2(m, metric):
     return res
 
 
-def f3(m):
+def f3(m, family=None):
     """Early-layer CKA to the initial model, WT above ST."""
     missing = [f"{init} s{r['seed']}" for init, g in (("WT", m["wt"]), ("ST", m["st"])) for r in g
                if "cka" not in r["analysis"]]
@@ -564,7 +595,7 @@ def f3(m):
         res["lines"] = [res["text"]]
         return res
     layers = next(r["analysis"]["cka"].get("layers", []) for r in m["wt"] + m["st"] if "cka" in r["analysis"])
-    res = compare([("WT", wt), ("ST", st)], (1, -1), "WT - ST", "{:+.3f}")
+    res = compare([("WT", wt), ("ST", st)], (1, -1), "WT - ST", "{:+.3f}", family)
     chance = unlearned(m, "how far their features moved from their initial state says nothing about reuse")
     res["window"] = window_text(layers, "layers")
     head = (f"CKA(initial layer i, fine-tuned layer i), type 'all', mean over {res['window']}: "
@@ -578,7 +609,7 @@ def f3(m):
     return res
 
 
-def f4_attention(model, m):
+def f4_attention(model, m, family=None):
     """ST attention more global than WT in the first third of the blocks (renormalised distance)."""
     runs = m["wt"] + m["st"]
     if not any(r["facts"].get("has_attention") for r in runs):
@@ -592,7 +623,7 @@ def f4_attention(model, m):
                             + (" (these files predate it: rerun analyze.py --metric attention)" if old else ""))
     value = attention_block_value(key)
     wt, st = values_of(m["wt"], value), values_of(m["st"], value)
-    res = compare([("ST", st), ("WT", wt)], (1, -1), f"{pretty(model)}: ST - WT distance (px)", "{:+.2f}")
+    res = compare([("ST", st), ("WT", wt)], (1, -1), f"{pretty(model)}: ST - WT distance (px)", "{:+.2f}", family)
     blocks = next(r["analysis"]["attention"].get("layers", []) for r in have)
     res["window"] = window_text(blocks, "blocks")
     cls_wt = values_of(m["wt"], attention_block_value("cls_share_per_block"))
@@ -612,12 +643,12 @@ def f4_attention(model, m):
     return res
 
 
-def f4_gain(a, ma, c, mc, metric):
+def f4_gain(a, ma, c, mc, metric, family=None):
     """(WT - ST) of an attention model minus (WT - ST) of a convolutional one, over 4 groups of seeds."""
     g = [values_of(ma["wt"], test_value), values_of(ma["st"], test_value),
          values_of(mc["wt"], test_value), values_of(mc["st"], test_value)]
     named = [(f"{pretty(a)} WT", g[0]), (f"{pretty(a)} ST", g[1]), (f"{pretty(c)} WT", g[2]), (f"{pretty(c)} ST", g[3])]
-    res = compare(named, (1, -1, -1, 1), f"gain {pretty(a)} - gain {pretty(c)}", "{:+.3f}")
+    res = compare(named, (1, -1, -1, 1), f"gain {pretty(a)} - gain {pretty(c)}", "{:+.3f}", family)
     gain = lambda wt, st: np.mean(finite(wt)) - np.mean(finite(st)) if finite(wt) and finite(st) else float("nan")
     res["lines"] = [f"gain = mean WT - mean ST test {metric}: {pretty(a)} {gain(g[0], g[1]):+.3f}, "
                     f"{pretty(c)} {gain(g[2], g[3]):+.3f}", "  " + res["text"]]
@@ -630,14 +661,27 @@ def model_result(parts):
 
 
 def findings_for(druns):
-    """{finding: {"verdict", "claim", "numbers", "models", ...}} for one dataset, over all its models."""
+    """{finding: {"verdict", "claim", "numbers", "models", ...}} for one dataset, over all its models.
+    Every verdict's test is one of a family (each model's F1, F2, F3 and F4 attention test, each F4
+    gain pair: those that ran): the tests are made once at their own level to learn their p-values,
+    then again with Holm's adjusted p-values deciding the verdicts (a few Welch tests: no cost)."""
     models = order([r["model"] for r in druns], MODEL_ORDER)
     per = {mo: inits([r for r in druns if r["model"] == mo]) for mo in models}
     metric = pretty(druns[0]["metric"])
     usable = [mo for mo in models if per[mo]["st"] and per[mo]["wt"]]
+    alone = dataset_findings(models, per, usable, metric, druns, {})
+    pvalues = {(f, name): part["p"] for f, e in alone.items() for parts in (e.get("models", {}), e.get("gain", {}))
+               for name, part in parts.items() if part["verdict"] != NOT_MEASURED and part.get("p") is not None}
+    adjusted = holm(pvalues)
+    return dataset_findings(models, per, usable, metric, druns, {k: (p, len(adjusted)) for k, p in adjusted.items()})
+
+
+def dataset_findings(models, per, usable, metric, druns, family):
+    """The findings of one dataset; family: {(finding, model or 'a - c'): (Holm-adjusted p, tests)}."""
     out = {}
-    for f, fn in (("F1", lambda mo: f1(per[mo], metric)), ("F2", lambda mo: f2(per[mo], metric)),
-                  ("F3", lambda mo: f3(per[mo]))):
+    for f, fn in (("F1", lambda mo: f1(per[mo], metric, family.get(("F1", mo)))),
+                  ("F2", lambda mo: f2(per[mo], metric, family.get(("F2", mo)))),
+                  ("F3", lambda mo: f3(per[mo], family.get(("F3", mo))))):
         parts, lines = {}, []
         for mo in models:
             if mo not in usable:
@@ -655,11 +699,11 @@ def findings_for(druns):
             out[f]["window"] = {mo: parts[mo]["window"] for mo in usable if "window" in parts[mo]}
         if f == "F2":
             out[f]["censored"] = {mo: parts[mo]["censored"] for mo in usable if parts[mo].get("censored")}
-    out["F4"] = f4(druns, models, per, usable, metric)
+    out["F4"] = f4(druns, models, per, usable, metric, family)
     return out
 
 
-def f4(druns, models, per, usable, metric):
+def f4(druns, models, per, usable, metric, family):
     """F4 over the models grouped by the fact models.py states (config.json facts.token_mixing)."""
     mixing = {mo: {r["facts"].get("token_mixing") for r in druns if r["model"] == mo} for mo in models}
     unknown = [mo for mo in models if mixing[mo] - {"attention", "convolution"} or len(mixing[mo]) != 1]
@@ -672,7 +716,7 @@ def f4(druns, models, per, usable, metric):
     lines.append("token mixing (models.py): " + "; ".join(
         f"{pretty(mo)} {'/'.join(sorted(map(str, mixing[mo])))}" for mo in models if mo not in unknown))
     halves = {}
-    att_parts = {mo: f4_attention(mo, per[mo]) for mo in attn}
+    att_parts = {mo: f4_attention(mo, per[mo], family.get(("F4", mo))) for mo in attn}
     for mo, p in att_parts.items():
         p.setdefault("lines", [f"{pretty(mo)}: {p['text']}"])
     halves["attention"] = combine(att_parts.values()) if att_parts else NOT_MEASURED
@@ -680,7 +724,8 @@ def f4(druns, models, per, usable, metric):
                                                                " (no attention-based model with ST and WT runs)"))
     for p in att_parts.values():
         lines += [f"  {line}" for line in p["lines"]]
-    gain_parts = {f"{a} - {c}": f4_gain(a, per[a], c, per[c], metric) for a in attn for c in conv}
+    gain_parts = {f"{a} - {c}": f4_gain(a, per[a], c, per[c], metric, family.get(("F4", f"{a} - {c}")))
+                  for a in attn for c in conv}
     halves["gain"] = combine(gain_parts.values()) if gain_parts else NOT_MEASURED
     lines.append(f"gain half: {halves['gain']}" + ("" if gain_parts else
                                                      " (needs ST and WT runs of an attention-based and of a "
@@ -764,6 +809,8 @@ def summary_cell(entry):
             digits = 1 if abs(part["effect"]) >= 10 else 3
             f = f"{{:+.{digits}f}}"
             p = "p < 0.001" if part["p"] is not None and part["p"] < 0.001 else f"p = {part['p']:.3f}"
+            if part.get("family", 1) > 1:
+                p += f", Holm {part['p_holm']:.3f}"
             cells.append(f"{label}: {part['verdict']}, {f.format(part['effect'])} "
                          f"[{f.format(part['ci'][0])}, {f.format(part['ci'][1])}], {p}")
     return "<br>".join(cells) or "-"
@@ -787,8 +834,13 @@ def dataset_md(data, druns, res):
                    + ("no spread can be measured, so no finding can be supported" if seeds < 2 else
                       "the test has 1-2 degrees of freedom, so only a very large effect is resolved")
                    + f" (run at least {MIN_SEEDS}).**"]
+    family = [f"{f} {pretty(name) if ' - ' not in name else ' - '.join(map(pretty, name.split(' - ')))}"
+              for f, e in res.items() for parts in (e.get("models", {}), e.get("gain", {}))
+              for name, part in parts.items() if "p_holm" in part]
+    md += ["", f"Holm's correction over the {len(family)} test{'s' * (len(family) != 1)} that decide a verdict here: "
+               + (", ".join(family) or "none") + "."]
     md += ["", "| finding | paper's claim | verdict | per model: effect in the paper's direction "
-               "[95% interval], p |", "|---|---|---|---|"]
+               "[95% interval], p, Holm's p |", "|---|---|---|---|"]
     md += [f"| {f} | {CLAIMS[f]} | **{e['verdict']}**{unmeasured_note(e)} | {summary_cell(e)} |"
            for f, e in res.items()]
     md.append("")
@@ -802,11 +854,15 @@ def findings_doc(runs):
     md = ["# Findings", "",
           "Written by findings.py (plots.py writes it too) from the run directories' summary.json and "
           f"analysis/*.json. Test: {TEST}, over the seeds of each initialisation. The effect is in the "
-          "paper's direction (positive = as the paper found). Verdicts: `supported` (the interval lies above "
-          "zero), `not resolved` (it holds zero; the seeds per initialisation an effect of this size and spread "
-          "would need are given, 80% power), `contradicted` (below zero), `not measured` (runs, analyses or "
-          "facts missing, or convergence censored by the budget). A finding over several models is `supported` "
-          "only when it is for every model measured, `contradicted` when it is for any.", "",
+          "paper's direction (positive = as the paper found). Each verdict rests on one test per model (per pair "
+          "of models for F4's gain); the tests of a dataset are one family, and Holm's correction keeps the "
+          "chance that any of them comes out significant by luck at 5%. Verdicts: `supported` (Holm-adjusted "
+          "p < 0.05, effect in the paper's direction), `not resolved` (not significant; the seeds per "
+          "initialisation an effect of this size and spread would need at the family's level are given, 80% "
+          "power), `contradicted` (significant against the paper), `not measured` (runs, analyses or facts "
+          "missing, or convergence censored by the budget). The 95% interval is each test's own, uncorrected; "
+          "F1's sub-results are at their own 5%. A finding over several models is `supported` only when it is "
+          "for every model measured, `contradicted` when it is for any.", "",
           machine_note(runs), ""]
     doc = {}
     for data in order([r["data"] for r in runs], DATA_ORDER):

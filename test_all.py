@@ -4541,6 +4541,72 @@ class TestFindings:
         print(f"effect of 4 sd, normal noise, 3 seeds: supported in {hits} of {studies}")
         assert hits > 0.5 * studies
 
+    def test_findings_holm_matches_closed_testing(self):
+        """holm() equals its definition as a closed test of Bonferroni tests: the adjusted p of H_i is
+        the largest |S| * min(p_j, j in S) over the sets S of hypotheses that hold i, at most 1 (random
+        p-values for 2-6 tests, ties, one test)."""
+        import itertools
+
+        import findings as fi
+        rng = np.random.default_rng(7)
+        cases = [{"a": 0.03}, {"a": 0.01, "b": 0.01, "c": 0.04}, {"a": 0.5, "b": 0.6}] + \
+            [dict(zip("abcdef", rng.random(m) ** 3)) for m in (2, 3, 4, 5, 6) for _ in range(20)]
+        for ps in cases:
+            keys = list(ps)
+            ref = {k: min(1.0, max(len(S) * min(ps[j] for j in S) for r in range(1, len(keys) + 1)
+                                   for S in itertools.combinations(keys, r) if k in S)) for k in keys}
+            assert fi.holm(ps) == pytest.approx(ref, abs=1e-15), ps
+
+    def test_findings_holm_keeps_the_family_at_5_percent(self):
+        """1,000 simulated 5-seed studies of 5 tests with no effect (the offline study's family: F1 for
+        two models, F2, F3, F4's gain over four groups): some verdict is `supported` or `contradicted`
+        in at most 6.5% of them with Holm's correction (at most 5% expected), against at least 15%
+        with each test at its own 5% (1 - 0.95^5 = 23% expected)."""
+        import findings as fi
+        rng = np.random.default_rng(11)
+        studies, with_holm, alone = 1000, 0, 0
+        shapes = [(2, (1, -1))] * 4 + [(4, (1, -1, -1, 1))]
+        for _ in range(studies):
+            tests = [fi.welch([rng.normal(0.0, 1.0, 5) for _ in range(g)], c) for g, c in shapes]
+            adjusted = fi.holm({i: t["p"] for i, t in enumerate(tests)})
+            with_holm += any(fi.verdict_of(t, adjusted[i]) != "not resolved" for i, t in enumerate(tests))
+            alone += any(fi.verdict_of(t) != "not resolved" for t in tests)
+        print(f"no effect, 5 tests of 5 seeds, {studies} studies: some verdict significant in {with_holm} "
+              f"with Holm, {alone} without")
+        assert with_holm <= 0.065 * studies
+        assert alone >= 0.15 * studies
+
+    def test_findings_holm_decides_a_marginal_effect(self, tmp_path):
+        """One model (F1, F2, F3: a family of 3 tests), no effect on F2 and F3, and F1 shifted so that its
+        own p is 0.03: its 95% interval lies above zero, yet Holm's p (3 x 0.03) is above 5%: F1 is
+        `not resolved`, and findings.md says so with both p-values and the seeds it would need."""
+        import findings as fi
+        root = tmp_path / "runs"
+        _findings_runs(str(root), models=("resnet18",))
+        for seed in (0, 1, 2):  # WT s_i <- ST s_(i+1): F2 and F3 have no effect at all
+            src, dst = root / f"resnet18-lesions-n0-s{(seed + 1) % 3}", root / f"resnet18-lesions-n6-s{seed}"
+            for name in ["summary.json"] + [f"analysis/{x}" for x in os.listdir(src / "analysis")]:
+                (dst / name).write_bytes((src / name).read_bytes())
+        st = [json.loads((root / f"resnet18-lesions-n0-s{s}" / "summary.json").read_text())["test"]["macro_recall"]
+              for s in (0, 1, 2)]
+        lo, hi = 0.0, 1.0  # the shift d of WT = ST + d at which Welch's p is 0.03
+        for _ in range(60):
+            d = (lo + hi) / 2
+            lo, hi = (d, hi) if fi.welch([np.add(st, d), st])["p"] > 0.03 else (lo, d)
+        for seed in (0, 1, 2):
+            _findings_edit(str(root / f"resnet18-lesions-n6-s{seed}" / "summary.json"),
+                           lambda s, v=st[seed] + hi: s["test"].update(macro_recall=v))
+        text, doc = _findings(root, tmp_path)
+        m = doc["lesions"]["F1"]["models"]["resnet18"]
+        assert m["p"] == pytest.approx(0.03, abs=1e-6) and m["ci"][0] > 0
+        assert m["family"] == 3 and m["p_holm"] == pytest.approx(3 * m["p"])
+        assert _findings_verdicts(doc) == {"F1": "not resolved", "F2": "not resolved", "F3": "not resolved",
+                                           "F4": "not measured"}
+        assert "Holm-adjusted over 3 tests p = 0.090: not resolved" in text
+        assert "p = 0.030, Holm 0.090" in text and "80% power at level 0.05/3" in text
+        assert "Holm's correction over the 3 tests that decide a verdict here: F1 ResNet18, F2 ResNet18, " \
+               "F3 ResNet18." in text
+
     def test_findings_cli_alone(self, tmp_path):
         """findings.py runs alone (no torch, no matplotlib) and writes findings.md / .json; bad input
         is one line, exit 2, nothing written."""
