@@ -5322,6 +5322,15 @@ class TestReadme:
         assert block == table
         for verdict in re.findall(r"^\| F\d \| [^|]* \| \*\*([a-z ]+)\*\*", table, re.M):
             assert verdict in ("supported", "not resolved", "contradicted", "not measured")
+        # the verdicts per seed set: each row is its linked findings.md, for the seeds it names
+        rows = re.findall(r"^\| \[(\d+)-(\d+)\]\((docs/findings[\w-]*\.md)\)[^|]*\|(.*)\|$", text, re.M)
+        assert len(rows) >= 3, rows
+        for first, last, path, cells in rows:
+            doc = (Path(ROOT) / path).read_text()
+            verdicts = dict(re.findall(r"^\| (F\d) \| [^|]* \| \*\*([a-z ]+)\*\*", doc, re.M))
+            assert [c.strip() for c in cells.split("|")] == [verdicts[f] for f in ("F1", "F2", "F3", "F4")], path
+            seeds = " ".join(f"s{i}" for i in range(int(first), int(last) + 1))
+            assert re.search(rf"seeds of DeiT-T: ST n=0/\d+: {seeds}; WT n=\d+/\d+: {seeds};", doc), path
 
     @pytest.mark.slow
     def test_readme_marked_commands_run(self, tmp_path):
