@@ -670,8 +670,8 @@ def findings_for(druns):
     metric = pretty(druns[0]["metric"])
     usable = [mo for mo in models if per[mo]["st"] and per[mo]["wt"]]
     alone = dataset_findings(models, per, usable, metric, druns, {})
-    pvalues = {(f, name): part["p"] for f, e in alone.items() for parts in (e.get("models", {}), e.get("gain", {}))
-               for name, part in parts.items() if part["verdict"] != NOT_MEASURED and part.get("p") is not None}
+    pvalues = {(f, name): part["p"] for f, e in alone.items() for name, part in parts_of(e)
+               if part["verdict"] != NOT_MEASURED and part.get("p") is not None}
     adjusted = holm(pvalues)
     return dataset_findings(models, per, usable, metric, druns, {k: (p, len(adjusted)) for k, p in adjusted.items()})
 
@@ -787,20 +787,28 @@ def seeds_line(druns, model):
     return f"seeds of {pretty(model)}: " + "; ".join(parts)
 
 
+def parts_of(entry):
+    """[(name, part)] of a finding: one per model, then F4's gain pairs ('deit_t - resnet18')."""
+    return list(entry.get("models", {}).items()) + list(entry.get("gain", {}).items())
+
+
+def pretty_part(name):
+    """'DeiT-T', or 'DeiT-T - ResNet18' for a pair."""
+    return " - ".join(pretty(x) for x in name.split(" - "))
+
+
 def unmeasured_note(entry):
     """' (not measured: ResNet18)' when a verdict over several models leaves some out."""
-    parts = {**entry.get("models", {}), **entry.get("gain", {})}
-    out = [" - ".join(pretty(x) for x in name.split(" - "))
-           for name, p in parts.items() if p["verdict"] == NOT_MEASURED]
+    out = [pretty_part(name) for name, p in parts_of(entry) if p["verdict"] == NOT_MEASURED]
     return f" (not measured: {', '.join(out)})" if out and entry["verdict"] != NOT_MEASURED else ""
 
 
 def summary_cell(entry):
     """The per-model column of the table: 'DeiT-T: supported, +0.192 [+0.05, +0.33], p = 0.02'."""
     cells = []
-    for name, part in list(entry.get("models", {}).items()) + list(entry.get("gain", {}).items()):
+    for name, part in parts_of(entry):
         if " - " in name:  # F4's gain half: a pair of models
-            label = " - ".join(pretty(x) for x in name.split(" - ")) + " gain"
+            label = pretty_part(name) + " gain"
         else:
             label = pretty(name) + (" attention" if "halves" in entry else "")
         if part["ci"] is None:
@@ -834,9 +842,7 @@ def dataset_md(data, druns, res):
                    + ("no spread can be measured, so no finding can be supported" if seeds < 2 else
                       "the test has 1-2 degrees of freedom, so only a very large effect is resolved")
                    + f" (run at least {MIN_SEEDS}).**"]
-    family = [f"{f} {pretty(name) if ' - ' not in name else ' - '.join(map(pretty, name.split(' - ')))}"
-              for f, e in res.items() for parts in (e.get("models", {}), e.get("gain", {}))
-              for name, part in parts.items() if "p_holm" in part]
+    family = [f"{f} {pretty_part(name)}" for f, e in res.items() for name, part in parts_of(e) if "p_holm" in part]
     md += ["", f"Holm's correction over the {len(family)} test{'s' * (len(family) != 1)} that decide a verdict here: "
                + (", ".join(family) or "none") + "."]
     md += ["", "| finding | paper's claim | verdict | per model: effect in the paper's direction "

@@ -4253,6 +4253,17 @@ def _findings_verdicts(doc, data="lesions"):
     return {f: d["verdict"] for f, d in doc[data].items()}
 
 
+def _findings_no_effect(root, models=(("resnet18", 6), ("deit_s", 14)), seeds=(0, 1, 2)):
+    """WT runs get the ST runs' files of the next seed: the same values in another seed order, so
+    every WT - ST effect is exactly 0."""
+    for model, N in models:
+        for i, seed in enumerate(seeds):
+            src = root / f"{model}-lesions-n0-s{seeds[(i + 1) % len(seeds)]}"
+            dst = root / f"{model}-lesions-n{N}-s{seed}"
+            for name in ["summary.json"] + [f"analysis/{x}" for x in os.listdir(src / "analysis")]:
+                (dst / name).write_bytes((src / name).read_bytes())
+
+
 def _findings_swap(root, model, N, seed, other_n=0, other_seed=None):
     """Swap every file of the WT run (n=N, seed) with the run (other_n, other_seed)."""
     other_seed = seed if other_seed is None else other_seed
@@ -4334,12 +4345,7 @@ class TestFindings:
         is `not resolved`, with 'no effect seen' instead of a number of seeds."""
         root = tmp_path / "runs"
         _findings_runs(str(root))
-        for model, N in (("resnet18", 6), ("deit_s", 14)):
-            for seed in (0, 1, 2):  # WT s_i <- ST s_(i+1): the same values, in another seed order
-                src = root / f"{model}-lesions-n0-s{(seed + 1) % 3}"
-                dst = root / f"{model}-lesions-n{N}-s{seed}"
-                for name in ["summary.json"] + [f"analysis/{x}" for x in os.listdir(src / "analysis")]:
-                    (dst / name).write_bytes((src / name).read_bytes())
+        _findings_no_effect(root)
         text, doc = _findings(root, tmp_path)
         assert _findings_verdicts(doc) == {f: "not resolved" for f in ("F1", "F2", "F3", "F4")}
         m = doc["lesions"]["F3"]["models"]["deit_s"]
@@ -4583,10 +4589,7 @@ class TestFindings:
         import findings as fi
         root = tmp_path / "runs"
         _findings_runs(str(root), models=("resnet18",))
-        for seed in (0, 1, 2):  # WT s_i <- ST s_(i+1): F2 and F3 have no effect at all
-            src, dst = root / f"resnet18-lesions-n0-s{(seed + 1) % 3}", root / f"resnet18-lesions-n6-s{seed}"
-            for name in ["summary.json"] + [f"analysis/{x}" for x in os.listdir(src / "analysis")]:
-                (dst / name).write_bytes((src / name).read_bytes())
+        _findings_no_effect(root, models=(("resnet18", 6),))  # F2 and F3: no effect at all
         st = [json.loads((root / f"resnet18-lesions-n0-s{s}" / "summary.json").read_text())["test"]["macro_recall"]
               for s in (0, 1, 2)]
         lo, hi = 0.0, 1.0  # the shift d of WT = ST + d at which Welch's p is 0.03
