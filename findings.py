@@ -391,10 +391,10 @@ def finite(pairs):
     return [v for _, v in pairs if math.isfinite(v)]
 
 
-def compare(named, coefs, what, fmt, family=None):
+def compare(named, coefs, what, fmt, holm_p=None):
     """Welch's test over groups [(label, [(seed, value)])] and its verdict, as a part result:
     {"verdict", "effect", "ci", "p", "df", "seeds", "text", "test"}; `what` names the effect.
-    family: (Holm-adjusted p, number of tests) when the test is one of a dataset's verdicts
+    holm_p: (Holm-adjusted p, number of tests) when the test is one of a dataset's verdicts
     (findings_for); its verdict then comes from the adjusted p (added as "p_holm", "family")."""
     groups = [finite(pairs) for _, pairs in named]
     empty = [label for (label, _), g in zip(named, groups, strict=True) if not g]
@@ -402,7 +402,7 @@ def compare(named, coefs, what, fmt, family=None):
         return not_measured(f"{what}: no value in {', '.join(empty)}")
     seeds = {label: [s for s, v in pairs if math.isfinite(v)] for label, pairs in named}
     test = welch(groups, coefs)
-    p_family, m = family if family is not None and test["p"] is not None else (None, 1)
+    p_family, m = holm_p if holm_p is not None and test["p"] is not None else (None, 1)
     res = {"verdict": verdict_of(test, p_family), "effect": test["effect"], "ci": test["ci"], "p": test["p"],
            "df": test["df"], "seeds": seeds, "test": test}
     if p_family is not None:
@@ -522,11 +522,11 @@ def inits(mruns):
             "mid": [(n, rs) for n, rs in g.items() if n is not None and 0 < n < N]}
 
 
-def f1(m, metric, family=None):
+def f1(m, metric, holm_p=None):
     """WT above ST (the verdict); WT-ST-n/m in between and WT above RI (sub-results, not in the family:
     each at its own 5%)."""
     wt, st = values_of(m["wt"], test_value), values_of(m["st"], test_value)
-    res = compare([("WT", wt), ("ST", st)], (1, -1), f"WT - ST test {metric}", "{:+.3f}", family)
+    res = compare([("WT", wt), ("ST", st)], (1, -1), f"WT - ST test {metric}", "{:+.3f}", holm_p)
     res["lines"] = [f"test {metric}: WT {seed_text(wt, '{:.3f}')}; ST {seed_text(st, '{:.3f}')}", res["text"]]
     res["sub"] = {}
     for n, rs in sorted(m["mid"], key=lambda kv: kv[0]):
@@ -551,10 +551,10 @@ def f1(m, metric, family=None):
     return res
 
 
-def f2(m, metric, family=None):
+def f2(m, metric, holm_p=None):
     """WT reaches its best validation in fewer iterations than ST; censored runs decide 'not measured'."""
     wt, st = values_of(m["wt"], best_iteration), values_of(m["st"], best_iteration)
-    res = compare([("ST", st), ("WT", wt)], (1, -1), "ST - WT iterations to the best validation", "{:+.1f}", family)
+    res = compare([("ST", st), ("WT", wt)], (1, -1), "ST - WT iterations to the best validation", "{:+.1f}", holm_p)
     chance = unlearned(m, "their best validation is a peak of noise, not a convergence")
     if chance is not None:
         chance["lines"] = [f"iterations to the best validation {metric}: WT {seed_text(wt, '{:.0f}')}; "
@@ -585,7 +585,7 @@ def f2(m, metric, family=None):
     return res
 
 
-def f3(m, family=None):
+def f3(m, holm_p=None):
     """Early-layer CKA to the initial model, WT above ST."""
     missing = [f"{init} s{r['seed']}" for init, g in (("WT", m["wt"]), ("ST", m["st"])) for r in g
                if "cka" not in r["analysis"]]
@@ -595,7 +595,7 @@ def f3(m, family=None):
         res["lines"] = [res["text"]]
         return res
     layers = next(r["analysis"]["cka"].get("layers", []) for r in m["wt"] + m["st"] if "cka" in r["analysis"])
-    res = compare([("WT", wt), ("ST", st)], (1, -1), "WT - ST", "{:+.3f}", family)
+    res = compare([("WT", wt), ("ST", st)], (1, -1), "WT - ST", "{:+.3f}", holm_p)
     chance = unlearned(m, "how far their features moved from their initial state says nothing about reuse")
     res["window"] = window_text(layers, "layers")
     head = (f"CKA(initial layer i, fine-tuned layer i), type 'all', mean over {res['window']}: "
@@ -609,7 +609,7 @@ def f3(m, family=None):
     return res
 
 
-def f4_attention(model, m, family=None):
+def f4_attention(model, m, holm_p=None):
     """ST attention more global than WT in the first third of the blocks (renormalised distance)."""
     runs = m["wt"] + m["st"]
     if not any(r["facts"].get("has_attention") for r in runs):
@@ -623,7 +623,7 @@ def f4_attention(model, m, family=None):
                             + (" (these files predate it: rerun analyze.py --metric attention)" if old else ""))
     value = attention_block_value(key)
     wt, st = values_of(m["wt"], value), values_of(m["st"], value)
-    res = compare([("ST", st), ("WT", wt)], (1, -1), f"{pretty(model)}: ST - WT distance (px)", "{:+.2f}", family)
+    res = compare([("ST", st), ("WT", wt)], (1, -1), f"{pretty(model)}: ST - WT distance (px)", "{:+.2f}", holm_p)
     blocks = next(r["analysis"]["attention"].get("layers", []) for r in have)
     res["window"] = window_text(blocks, "blocks")
     cls_wt = values_of(m["wt"], attention_block_value("cls_share_per_block"))
@@ -643,12 +643,12 @@ def f4_attention(model, m, family=None):
     return res
 
 
-def f4_gain(a, ma, c, mc, metric, family=None):
+def f4_gain(a, ma, c, mc, metric, holm_p=None):
     """(WT - ST) of an attention model minus (WT - ST) of a convolutional one, over 4 groups of seeds."""
     g = [values_of(ma["wt"], test_value), values_of(ma["st"], test_value),
          values_of(mc["wt"], test_value), values_of(mc["st"], test_value)]
     named = [(f"{pretty(a)} WT", g[0]), (f"{pretty(a)} ST", g[1]), (f"{pretty(c)} WT", g[2]), (f"{pretty(c)} ST", g[3])]
-    res = compare(named, (1, -1, -1, 1), f"gain {pretty(a)} - gain {pretty(c)}", "{:+.3f}", family)
+    res = compare(named, (1, -1, -1, 1), f"gain {pretty(a)} - gain {pretty(c)}", "{:+.3f}", holm_p)
     gain = lambda wt, st: np.mean(finite(wt)) - np.mean(finite(st)) if finite(wt) and finite(st) else float("nan")
     res["lines"] = [f"gain = mean WT - mean ST test {metric}: {pretty(a)} {gain(g[0], g[1]):+.3f}, "
                     f"{pretty(c)} {gain(g[2], g[3]):+.3f}", "  " + res["text"]]
@@ -676,12 +676,12 @@ def findings_for(druns):
     return dataset_findings(models, per, usable, metric, druns, {k: (p, len(adjusted)) for k, p in adjusted.items()})
 
 
-def dataset_findings(models, per, usable, metric, druns, family):
-    """The findings of one dataset; family: {(finding, model or 'a - c'): (Holm-adjusted p, tests)}."""
+def dataset_findings(models, per, usable, metric, druns, holm_ps):
+    """The findings of one dataset; holm_ps: {(finding, model or 'a - c'): (Holm-adjusted p, tests)}."""
     out = {}
-    for f, fn in (("F1", lambda mo: f1(per[mo], metric, family.get(("F1", mo)))),
-                  ("F2", lambda mo: f2(per[mo], metric, family.get(("F2", mo)))),
-                  ("F3", lambda mo: f3(per[mo], family.get(("F3", mo))))):
+    for f, fn in (("F1", lambda mo: f1(per[mo], metric, holm_ps.get(("F1", mo)))),
+                  ("F2", lambda mo: f2(per[mo], metric, holm_ps.get(("F2", mo)))),
+                  ("F3", lambda mo: f3(per[mo], holm_ps.get(("F3", mo))))):
         parts, lines = {}, []
         for mo in models:
             if mo not in usable:
@@ -699,11 +699,11 @@ def dataset_findings(models, per, usable, metric, druns, family):
             out[f]["window"] = {mo: parts[mo]["window"] for mo in usable if "window" in parts[mo]}
         if f == "F2":
             out[f]["censored"] = {mo: parts[mo]["censored"] for mo in usable if parts[mo].get("censored")}
-    out["F4"] = f4(druns, models, per, usable, metric, family)
+    out["F4"] = f4(druns, models, per, usable, metric, holm_ps)
     return out
 
 
-def f4(druns, models, per, usable, metric, family):
+def f4(druns, models, per, usable, metric, holm_ps):
     """F4 over the models grouped by the fact models.py states (config.json facts.token_mixing)."""
     mixing = {mo: {r["facts"].get("token_mixing") for r in druns if r["model"] == mo} for mo in models}
     unknown = [mo for mo in models if mixing[mo] - {"attention", "convolution"} or len(mixing[mo]) != 1]
@@ -716,7 +716,7 @@ def f4(druns, models, per, usable, metric, family):
     lines.append("token mixing (models.py): " + "; ".join(
         f"{pretty(mo)} {'/'.join(sorted(map(str, mixing[mo])))}" for mo in models if mo not in unknown))
     halves = {}
-    att_parts = {mo: f4_attention(mo, per[mo], family.get(("F4", mo))) for mo in attn}
+    att_parts = {mo: f4_attention(mo, per[mo], holm_ps.get(("F4", mo))) for mo in attn}
     for mo, p in att_parts.items():
         p.setdefault("lines", [f"{pretty(mo)}: {p['text']}"])
     halves["attention"] = combine(att_parts.values()) if att_parts else NOT_MEASURED
@@ -724,7 +724,7 @@ def f4(druns, models, per, usable, metric, family):
                                                                " (no attention-based model with ST and WT runs)"))
     for p in att_parts.values():
         lines += [f"  {line}" for line in p["lines"]]
-    gain_parts = {f"{a} - {c}": f4_gain(a, per[a], c, per[c], metric, family.get(("F4", f"{a} - {c}")))
+    gain_parts = {f"{a} - {c}": f4_gain(a, per[a], c, per[c], metric, holm_ps.get(("F4", f"{a} - {c}")))
                   for a in attn for c in conv}
     halves["gain"] = combine(gain_parts.values()) if gain_parts else NOT_MEASURED
     lines.append(f"gain half: {halves['gain']}" + ("" if gain_parts else
@@ -842,9 +842,9 @@ def dataset_md(data, druns, res):
                    + ("no spread can be measured, so no finding can be supported" if seeds < 2 else
                       "the test has 1-2 degrees of freedom, so only a very large effect is resolved")
                    + f" (run at least {MIN_SEEDS}).**"]
-    family = [f"{f} {pretty_part(name)}" for f, e in res.items() for name, part in parts_of(e) if "p_holm" in part]
-    md += ["", f"Holm's correction over the {len(family)} test{'s' * (len(family) != 1)} that decide a verdict here: "
-               + (", ".join(family) or "none") + "."]
+    tests = [f"{f} {pretty_part(name)}" for f, e in res.items() for name, part in parts_of(e) if "p_holm" in part]
+    md += ["", f"Holm's correction over the {len(tests)} test{'s' * (len(tests) != 1)} that decide a verdict here: "
+               + (", ".join(tests) or "none") + "."]
     md += ["", "| finding | paper's claim | verdict | per model: effect in the paper's direction "
                "[95% interval], p, Holm's p |", "|---|---|---|---|"]
     md += [f"| {f} | {CLAIMS[f]} | **{e['verdict']}**{unmeasured_note(e)} | {summary_cell(e)} |"
